@@ -1,0 +1,113 @@
+"""The environment every notebook starts from: seeds, the device, and a report of what is installed.
+
+`seed_everything(seed)` seeds Python's `random`, NumPy and torch (CPU and every CUDA device) and asks
+torch for deterministic algorithms where that costs nothing on the CPU, so that a notebook prints
+the same numbers on every run (nbval re-checks them in CI).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["seed_everything", "get_device", "environment_report", "EnvironmentReport", "on_colab"]
+
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+def seed_everything(seed: int = 0) -> int:
+    """Seed `random`, NumPy and torch (all devices) with `seed`; return it.
+
+    CPU results are bit-for-bit repeatable after this; on a GPU some kernels stay nondeterministic
+    (atomics in backward passes), which is why GPU outputs are compared with tolerances.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    return seed
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """The device a notebook runs on: "cuda" when a CUDA GPU is visible, else "cpu".
+
+    `prefer` (or the environment variable QLEARN_DEVICE) forces one of "auto", "cpu", "cuda".
+    Asking for "cuda" where there is none is an error, not a silent fallback.
+    """
+    choice = (prefer or os.environ.get("QLEARN_DEVICE") or "auto").lower()
+    if choice not in _DEVICES:
+        raise ValueError(f"prefer must be one of {_DEVICES}, got {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("prefer='cuda' but torch sees no CUDA GPU; use prefer='cpu' or 'auto'")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def on_colab() -> bool:
+    """True inside Google Colab (its runtime sets COLAB_RELEASE_TAG)."""
+    return "COLAB_RELEASE_TAG" in os.environ or "COLAB_GPU" in os.environ
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+@dataclass
+class EnvironmentReport:
+    """What a notebook runs on. `str()` gives a short table; the fields are for asserts."""
+
+    python: str
+    platform: str
+    torch: str
+    device: str
+    device_name: str
+    gpu_memory_gb: float | None
+    cpu_threads: int
+    versions: dict[str, str | None] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        rows = [
+            ("python", self.python),
+            ("platform", self.platform),
+            ("torch", self.torch),
+            ("device", f"{self.device} ({self.device_name})"),
+        ]
+        if self.gpu_memory_gb is not None:
+            rows.append(("gpu memory", f"{self.gpu_memory_gb:.1f} GB"))
+        rows.append(("cpu threads", str(self.cpu_threads)))
+        rows += [(k, v or "not installed") for k, v in self.versions.items()]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def environment_report() -> EnvironmentReport:
+    """Collect Python, torch, device and library versions (no network, no model loading)."""
+    device = get_device()
+    name, mem = platform.processor() or platform.machine(), None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, mem = props.name, props.total_memory / 1e9
+    libs = ("transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers")
+    return EnvironmentReport(
+        python=platform.python_version(),
+        platform=platform.platform(terse=True),
+        torch=torch.__version__,
+        device=device.type,
+        device_name=name,
+        gpu_memory_gb=mem,
+        cpu_threads=torch.get_num_threads(),
+        versions={lib: _version(lib) for lib in libs},
+    )
