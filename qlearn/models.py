@@ -1,0 +1,104 @@
+"""Loading the course's language model: the embedded tiny Llama in data/tiny, or a hub model.
+
+`load_model` is `AutoModelForCausalLM.from_pretrained` plus the choices a lesson makes explicit:
+    name          "tiny" (data/tiny, shipped with the course), a local folder, or a hub id such as
+                  "HuggingFaceTB/SmolLM2-135M" (needs the network or a local hub cache);
+                  the environment variable QLEARN_MODEL overrides the default name
+    quantization  None, "int8" (LLM.int8, bitsandbytes), "nf4" or "fp4" (4-bit, bitsandbytes), or
+                  your own `transformers.BitsAndBytesConfig`
+    device        where the model runs (default: `qlearn.get_device()`)
+    dtype         the dtype of the unquantized tensors (default: float32 on the CPU, where most
+                  processors have no fast bf16 matrix units, and bfloat16 on a GPU; float16 for
+                  "int8", whose matrix products run in float16)
+
+The 4-bit presets pass every setting explicitly, since BitsAndBytesConfig's defaults surprise
+(fp4, no double quantization, float32 compute): "nf4" is QLoRA's recipe (NF4 + double
+quantization + bf16 compute); "fp4" is the same with bitsandbytes' FP4 code book, so that the two
+differ only in the code book.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .env import get_device
+from .paths import data_dir
+
+__all__ = ["load_model", "QUANTIZATIONS", "bnb_config"]
+
+QUANTIZATIONS = (None, "int8", "nf4", "fp4")
+
+
+def bnb_config(quantization: str):
+    """The BitsAndBytesConfig behind a preset name ("int8", "nf4", "fp4"), every setting explicit."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+    if quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    raise ValueError(f"quantization must be one of {QUANTIZATIONS} or a BitsAndBytesConfig, got {quantization!r}")
+
+
+def _resolve(name: str | None) -> tuple[str, bool]:
+    """(what from_pretrained gets, whether it is local)."""
+    name = name or os.environ.get("QLEARN_MODEL") or "tiny"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be 'tiny', a local folder or a hub id, got {name!r}")
+    if name == "tiny":
+        path = data_dir() / "tiny"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded model is missing at {path}: run from a full checkout of the course "
+                "(git clone ...), or set QLEARN_DATA to the folder that holds tiny/")
+        return str(path), True
+    return name, Path(name).is_dir()
+
+
+def load_model(name: str | None = None, *, quantization=None, device=None, dtype: torch.dtype | None = None):
+    """Return `(model, tokenizer)` ready for inference (eval mode), on `device`.
+
+    Offline with a hub id: a FileNotFoundError that names the fix (use "tiny", or fetch the model
+    into the hub cache while online).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    source, local = _resolve(name)
+    device = torch.device(device) if device is not None else get_device()
+    if dtype is None:
+        # LLM.int8 multiplies in float16: float16 activations avoid a cast (and bitsandbytes' warning
+        # about it on every call); else bf16 on a GPU, float32 on a CPU.
+        dtype = (torch.float16 if quantization == "int8" else
+                 torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    kwargs = {"dtype": dtype}
+    if quantization is not None:
+        kwargs["quantization_config"] = (quantization if isinstance(quantization, BitsAndBytesConfig)
+                                         else bnb_config(quantization))
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report of a quantized model is noise in a notebook
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if local:
+            raise
+        raise FileNotFoundError(
+            f"could not load {source!r} from the Hugging Face hub ({type(err).__name__}). Offline? Use "
+            "name='tiny' (the embedded model), or download it once while online "
+            f"(`hf download {source}`) so that it is in the local cache.") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if quantization is None:
+        model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
