@@ -1,0 +1,110 @@
+"""AWQ (Lin et al., 2023, "Activation-aware Weight Quantization"): protect the weights that meet
+large activations by scaling their input channels up before quantizing.
+
+For a linear layer y = W x, scaling input channel k of W by s_k and the activation by 1 / s_k
+changes nothing in full precision, but the quantization error of that channel's weights shrinks
+relative to them (the group's scale hardly moves when one channel grows), so
+
+    y ~= Q(W diag(s)) diag(s)^-1 x
+
+protects the salient channels. AWQ searches s from the mean activation magnitude of calibration data,
+
+    s = mean|x|^alpha,  alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}   (normalized: sqrt(max s * min s) = 1)
+
+keeping the alpha with the smallest output error || Q(W diag(s)) diag(s)^-1 X - W X ||^2
+(alpha = 0 is plain RTN, so AWQ's choice is never worse on the calibration data).
+In deployment diag(s)^-1 is folded into the previous operator (RMSNorm weight, or the previous linear
+layer's output rows), so s costs no storage; here (simulated quantization) the returned weight
+Q(W diag(s)) diag(s)^-1 is mathematically the same layer. Layers that read the same input (q, k, v;
+gate, up) must share one s: pass their weights concatenated along the output dimension.
+
+AWQ's reference implementation follows the scale search with a second, smaller search (`clip=True`):
+for each output row and group, the clipping range [r min, r max], r in {1, 0.95, ..., 0.55}, with the
+smallest error of that group's share of the output, || (W_g - Q(clip_r(W_g))) X_g ||^2: cutting the
+largest weights of a group a little makes the grid finer for all the others.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import rtn
+
+__all__ = ["activation_scale", "awq_quantize", "clip_search"]
+
+
+def activation_scale(x: Tensor) -> Tensor:
+    """Mean |x| per input channel over all tokens: `x` (..., in_features) -> (in_features,)."""
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', x)!r}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf: the calibration activations must be finite")
+    return x.reshape(-1, x.shape[-1]).float().abs().mean(dim=0)
+
+
+@torch.no_grad()
+def clip_search(w: Tensor, x: Tensor, bits: int, group_size: int | None = None, *, n_grid: int = 20,
+                max_shrink: float = 0.5, n_tokens: int = 256, symmetric: bool = False) -> Tensor:
+    """RTN of `w` with, per output row and group, the clipping ratio r that minimizes the group's
+    output error on (a subsample of `n_tokens` of) the inputs `x`. Returns the dequantized weight."""
+    rtn.check_args(w, bits, group_size)
+    rows, cols = w.shape
+    group = group_size or cols
+    X = x.reshape(-1, cols).float()
+    X = X[:: max(1, X.shape[0] // n_tokens)]  # evenly spaced tokens: the search is per group, cheap
+    W = w.float().reshape(rows, cols // group, group)  # (rows, groups, group_size)
+    Xg = X.reshape(-1, cols // group, group)  # (tokens, groups, group_size)
+    lo, hi = W.amin(dim=-1, keepdim=True), W.amax(dim=-1, keepdim=True)
+    best_error = torch.full((rows, cols // group), float("inf"), device=W.device)
+    best = torch.zeros_like(W)
+    for i in range(round(max_shrink * n_grid)):
+        r = 1 - i / n_grid
+        # Step 1: clip each group to r times its range; RTN then uses the narrower grid.
+        Q = rtn.quantize_rtn(torch.maximum(torch.minimum(W, r * hi), r * lo).reshape(rows, cols),
+                             bits, group_size, symmetric=symmetric).reshape(W.shape)
+        # Step 2: each group's contribution to the output error, (rows, groups).
+        error = torch.einsum("rgk,ngk->rgn", W - Q, Xg).pow(2).mean(dim=-1)
+        # Step 3: keep, per row and group, the best ratio so far.
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best = torch.where(better.unsqueeze(-1), Q, best)
+    return best.reshape(rows, cols)
+
+
+@torch.no_grad()
+def awq_quantize(w: Tensor, x: Tensor, bits: int, group_size: int | None = None, *,
+                 n_grid: int = 20, clip: bool = True, symmetric: bool = False) -> tuple[Tensor, Tensor, float]:
+    """Return `(w_hat, s, alpha)`: the effective dequantized weight Q(W diag(s)) diag(s)^-1 in w's
+    dtype, the per-input-channel scales, and the chosen alpha.
+
+    `x`: calibration inputs of the layer, (..., in_features); `bits`, `group_size`, `symmetric` as in
+    `rtn.quantize_rtn`; `clip`: follow with `clip_search` (as AWQ's reference code does).
+    """
+    rtn.check_args(w, bits, group_size)
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but w has {w.shape[1]} input features")
+    if not isinstance(n_grid, int) or n_grid < 1:
+        raise ValueError(f"n_grid must be a positive int (AWQ uses 20), got {n_grid!r}")
+    W = w.float()
+    X = x.reshape(-1, x.shape[-1]).float()  # (N, in_features)
+    # Step 1: how large each input channel's activations are, on average.
+    x_mean = activation_scale(X).clamp(min=1e-8)
+    y = X @ W.T  # (N, out_features): the full-precision output
+    best = (float("inf"), None, None, 0.0)
+    for i in range(n_grid):
+        alpha = i / n_grid
+        # Step 2: candidate scales, normalized so that they straddle 1.
+        s = x_mean.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        # Step 3: quantize the scaled weight, fold the scale back, measure the output error.
+        w_hat = rtn.quantize_rtn(W * s, bits, group_size, symmetric=symmetric) / s
+        error = (X @ w_hat.T - y).pow(2).mean().item()
+        # Step 4: keep the best alpha.
+        if error < best[0]:
+            best = (error, w_hat, s, alpha)
+    _, w_hat, s, alpha = best
+    # Step 5 (optional): the clipping search on the scaled weight, whose inputs are x / s.
+    if clip:
+        w_hat = clip_search(W * s, X / s, bits, group_size, symmetric=symmetric) / s
+    return w_hat.to(w.dtype), s, alpha
