@@ -1,0 +1,500 @@
+"""Bits per parameter of the storage formats, and the memory ledger of training or running a Llama.
+
+`bits_per_param(fmt)`: storage cost per weight, scales included (b = bits of a code, B = block size):
+    fp32 32, fp16 / bf16 16, fp8 8
+    nf4, fp4 (bitsandbytes)   4 + 32/B                          fp32 absmax per block: 4.5 at B = 64
+        double_quant=True     4 + 8/B + 32/(256 B)              absmax in 8 bits, blocks of 256, one fp32
+                                                                scale per 256 blocks: 4.127 (QLoRA Sec. 3:
+                                                                0.373 bits saved per parameter)
+    int8 (LLM.int8)           8 + 32/row_length                 one fp32 scale per row (8 without row_length)
+    int2 .. int7 (RTN groups) b + 16/B (+ 16/B with zero_point)  fp16 scale (and zero point) per group
+    GGUF (llama.cpp)          8 * bytes_per_block / block_size  each layout below, as gguf.GGML_QUANT_SIZES:
+        q8_0 8.5, q4_0 4.5, q4_1 5.0, q5_0 5.5, q5_1 6.0, q2_k 2.625, q3_k 3.4375, q4_k 4.5, q5_k 5.5,
+        q6_k 6.5625, q8_k 9.125
+
+`estimate(model_or_config, method, batch_size=..., seq_len=...) -> Ledger`: the bytes a training step
+(or, with method="inference", a forward pass) needs, term by term, for a Llama-shaped decoder
+(hidden h, MLP width m, L blocks, n heads, key/value width h_kv, vocabulary V, T = batch x seq tokens).
+
+    weights      params x bytes of the format. 4-bit/8-bit formats apply to the block linear layers
+                 only (what bitsandbytes quantizes); the rest (embeddings, head, norms) stays bf16, or
+                 fp32 for "qlora" (peft.prepare_model_for_kbit_training casts it up). LoRA's A and B
+                 are fp32 (PEFT casts 16-bit adapters to fp32).
+    gradients    trainable params x their dtype's bytes.
+    optimizer    torch AdamW ("adamw"): 2 states in the parameter's dtype (8 bytes/param for fp32, 4
+                 for bf16) + a 4-byte step counter per tensor; with mixed_precision=True the classic
+                 recipe (ZeRO, Rajbhandari et al. 2020): fp32 master weights + fp32 states = 12
+                 bytes/param. bitsandbytes "adamw_32bit"/"paged_adamw_32bit": 8 bytes/param;
+                 "adamw_8bit"/"paged_adamw_8bit": 2 x (1 + 4/256) bytes/param (8-bit blockwise
+                 states, blocks of 256), fp32 states for tensors under 4096 values. Paged states
+                 live in CUDA unified memory: on the GPU, but not counted by
+                 torch.cuda.max_memory_allocated.
+    activations  tensors autograd saves for the backward pass, in bytes per token and block, read off
+                 transformers' Llama code (RMSNorm in fp32, SwiGLU MLP, fused SDPA attention that keeps
+                 q, k, v, its output and a 4-byte logsumexp per head; no dropout), the accounting of
+                 Korthikanti et al. 2022 ("Reducing Activation Recomputation") adapted to Llama.
+                 a = bytes of an activation (2 for bf16, 4 for fp32), q width h_q = n x head_dim:
+        trained block   8h + 4ah + 2a h_q + 2a h_kv + 4am + 4n
+                        (each norm: its fp32 input 4h + normalized a h; inputs of q/k/v, o, gate/up, down;
+                        rotated q, k, v; SiLU input and output; up output; logsumexp)
+        LoRA block      8h + 2a h_q + 2a h_kv + 3am + 4n + adapter inputs + 28r
+                        (frozen norms keep only their fp32 input; adapter inputs: a(2h + m) when the
+                        adapters share the activations' dtype, else PEFT casts x to fp32 once per
+                        adapter: 4(5h + h_q + m); 7 fp32 A outputs of width r)
+                 QLoRA after prepare_model_for_kbit_training runs the residual stream in fp32 (a = 4).
+                 Frozen blocks before the first trained one save nothing; with LoRA the first norm of
+                 block 0 saves nothing either (its input needs no gradient). After the last block:
+                 the final norm (4h + a h when trained, 4h frozen) and the head's input (a h if trained).
+                 grad_checkpointing=True keeps only each block's input (a h per token and block).
+    logits       12 V bytes per token: at the start of the backward pass the fp32 log-probabilities,
+                 their gradient and the logits' fp32 gradient coexist (transformers upcasts logits to
+                 fp32 in the loss). With a large vocabulary this is often the biggest single buffer.
+    workspace    the backward pass of one block, once the logits are gone: its gradient buffers,
+                 a(2m + 2h) per token (LoRA: 2(2m + 2h) + 4m, the adapters' fp32 gradients), and with
+                 grad checkpointing its recomputed activations plus its output and gradient (2a h).
+    total        the peak. Gradients are born in the backward pass as activations die, so the two do
+                 not peak together: total = weights + optimizer + max(activations + max(logits,
+                 workspace), gradients).
+
+Checked on the CPU against every allocation torch makes (`peak_memory`, tests/test_memory.py): within
+0.5% for full, freeze, LoRA and QLoRA (bitsandbytes' CPU backend), with and without checkpointing, in
+bf16 and fp32; within 8% with a toy 256-token vocabulary, where the workspace term decides the peak.
+Not counted: the CUDA context (~0.5 GB outside torch's allocator), allocator fragmentation, kernel
+workspaces, temporaries inside one operation (e.g. bitsandbytes' dequantized 16-bit weight of one layer),
+the rotary cos/sin tables; with tied embeddings trained in full, the end of the backward pass briefly
+holds two more V x h gradients (the embedding's and its sum with the head's). On a GPU, attention
+is assumed fused (flash, cuDNN or memory-efficient SDPA: no seq x seq matrix is kept).
+method="inference" (a prefill of batch x seq tokens with a KV cache) counts the weights, the KV cache
+(2 L h_kv a per token), a block's working set a(2h + 3m) per token and the last position's logits;
+a rough guide, not checked against a measurement.
+
+Llama shapes (hidden, heads, layers) are the LLaMA paper's Table 2 (Touvron et al. 2023,
+arXiv:2302.13971); MLP widths and the 32000-token vocabulary are those of the released checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+__all__ = [
+    "GGUF_LAYOUTS",
+    "LLAMA_SHAPES",
+    "METHODS",
+    "OPTIMIZERS",
+    "Ledger",
+    "Shape",
+    "bits_per_param",
+    "estimate",
+    "peak_memory",
+    "shape_of",
+]
+
+FLOAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8}
+# name: (values per block, bytes per block, layout); llama.cpp's ggml-common.h, checked against gguf's table
+GGUF_LAYOUTS = {
+    "q8_0": (32, 34, "32 int8 codes + fp16 scale"),
+    "q4_0": (32, 18, "32 4-bit codes (16 bytes) + fp16 scale"),
+    "q4_1": (32, 20, "32 4-bit codes + fp16 scale + fp16 minimum"),
+    "q5_0": (32, 22, "32 low nibbles (16) + 32 fifth bits (4) + fp16 scale"),
+    "q5_1": (32, 24, "as q5_0 + fp16 minimum"),
+    "q2_k": (256, 84, "2-bit codes (64) + 16 4-bit scale/min pairs (16) + fp16 d, dmin (4)"),
+    "q3_k": (256, 110, "low 2 bits (64) + high bits (32) + 16 6-bit scales (12) + fp16 d (2)"),
+    "q4_k": (256, 144, "4-bit codes (128) + 8 6-bit scales and mins (12) + fp16 d, dmin (4)"),
+    "q5_k": (256, 176, "low nibbles (128) + fifth bits (32) + scales and mins (12) + fp16 d, dmin (4)"),
+    "q6_k": (256, 210, "low nibbles (128) + high 2 bits (64) + 16 int8 scales (16) + fp16 d (2)"),
+    "q8_k": (256, 292, "256 int8 codes + fp32 d (4) + 16 int16 block sums (32)"),
+}
+METHODS = ("full", "freeze", "lora", "qlora", "inference")
+OPTIMIZERS = ("adamw", "adamw_32bit", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def bits_per_param(fmt: str, blocksize: int | None = 64, double_quant: bool = False, *,
+                   row_length: int | None = None, zero_point: bool = False) -> float:
+    """Storage bits per parameter of `fmt`, scales included (formulas in the module docstring).
+
+    `blocksize` is the block (group) size of nf4/fp4/int2..int7; None there means one scale per row of
+    `row_length` values. "int8" is LLM.int8 as bitsandbytes stores it (one fp32 scale per row).
+    """
+    if not isinstance(fmt, str):
+        raise TypeError(f"fmt must be a format name such as 'bf16', 'nf4' or 'q4_k', got {fmt!r}")
+    if row_length is not None and (isinstance(row_length, bool) or not isinstance(row_length, int)
+                                   or row_length < 1):
+        raise ValueError(f"row_length must be None or a positive int, got {row_length!r}")
+    name = fmt.lower()
+    if name in FLOAT_BITS:
+        return float(FLOAT_BITS[name])
+    if name in GGUF_LAYOUTS:
+        block, nbytes, _ = GGUF_LAYOUTS[name]
+        return 8 * nbytes / block
+    if name == "int8":  # 8-bit codes + one fp32 scale per row (overhead left out without row_length)
+        return 8.0 + (32 / row_length if row_length else 0.0)
+    is_int = name.startswith("int") and name[3:].isdigit() and 2 <= int(name[3:]) <= 7
+    if name not in ("nf4", "fp4") and not is_int:
+        raise ValueError(f"fmt must be one of {sorted(FLOAT_BITS)}, 'nf4', 'fp4', 'int2'..'int8' or a GGUF "
+                         f"type {sorted(GGUF_LAYOUTS)}, got {fmt!r}")
+    if blocksize is None and is_int:  # one scale (and zero point) per row
+        return int(name[3:]) + ((16 + 16 * zero_point) / row_length if row_length else 0.0)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if is_int:  # an fp16 scale (and an fp16 zero point) per group of blocksize values
+        return int(name[3:]) + (16 + 16 * zero_point) / blocksize
+    if double_quant:  # 8-bit absmax per block, one fp32 scale per 256 blocks
+        return 4 + 8 / blocksize + 32 / (256 * blocksize)
+    return 4 + 32 / blocksize  # fp32 absmax per block
+
+
+# LLaMA paper Table 2: hidden size, heads, layers; the MLP width (SwiGLU, 2/3 x 4h rounded up to a multiple
+# of 256) and the vocabulary from the released configs. "tiny" is the course's embedded model (data/tiny).
+LLAMA_SHAPES = {
+    "llama-7b": {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "vocab": 32000},
+    "llama-13b": {"hidden": 5120, "intermediate": 13824, "layers": 40, "heads": 40, "vocab": 32000},
+    "llama-33b": {"hidden": 6656, "intermediate": 17920, "layers": 60, "heads": 52, "vocab": 32000},
+    "llama-65b": {"hidden": 8192, "intermediate": 22016, "layers": 80, "heads": 64, "vocab": 32000},
+    "tiny": {"hidden": 256, "intermediate": 768, "layers": 6, "heads": 4, "vocab": 8192},
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a Llama-style decoder that memory depends on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    kv_heads: int | None = None  # None: as many as heads (no grouped-query attention)
+    head_dim: int | None = None  # None: hidden // heads
+    tied: bool = False  # the head shares the embedding matrix
+
+    def __post_init__(self):  # fill the defaults in, so that equal shapes compare equal
+        object.__setattr__(self, "kv_heads", self.kv_heads or self.heads)
+        object.__setattr__(self, "head_dim", self.head_dim or self.hidden // self.heads)
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of the 7 linear layers of one block."""
+        h, m = self.hidden, self.intermediate
+        return [("q_proj", h, self.q_width), ("k_proj", h, self.kv_width), ("v_proj", h, self.kv_width),
+                ("o_proj", self.q_width, h), ("gate_proj", h, m), ("up_proj", h, m), ("down_proj", m, h)]
+
+    def block_tensors(self) -> list[int]:
+        """Sizes of one block's parameter tensors: 7 weights and 2 RMSNorm scales."""
+        return [i * o for _, i, o in self.linears()] + [self.hidden, self.hidden]
+
+    def tensors(self) -> list[int]:
+        """Sizes of every parameter tensor: embedding, L blocks, final norm, head (unless tied)."""
+        head = [] if self.tied else [self.vocab * self.hidden]
+        return [self.vocab * self.hidden] + self.block_tensors() * self.layers + [self.hidden] + head
+
+    @property
+    def params(self) -> int:
+        return sum(self.tensors())
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of the block linear layers (what 4-bit/8-bit loading quantizes)."""
+        return self.layers * sum(i * o for _, i, o in self.linears())
+
+
+def shape_of(model_or_config) -> Shape:
+    """A Shape from a known name (LLAMA_SHAPES), a transformers config, a model, or a Shape."""
+    if isinstance(model_or_config, Shape):
+        return model_or_config
+    if isinstance(model_or_config, str):
+        if model_or_config not in LLAMA_SHAPES:
+            raise ValueError(f"model_or_config must be one of {sorted(LLAMA_SHAPES)}, a transformers config "
+                             f"or a model, got {model_or_config!r}")
+        return Shape(**LLAMA_SHAPES[model_or_config])
+    cfg = getattr(model_or_config, "config", model_or_config)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    try:
+        shape = Shape(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
+                      layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, vocab=cfg.vocab_size,
+                      kv_heads=getattr(cfg, "num_key_value_heads", None),
+                      head_dim=getattr(cfg, "head_dim", None), tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+    except AttributeError as err:
+        raise ValueError(f"model_or_config must be a known name, a Llama-style transformers config or a "
+                         f"model with one ({err})") from err
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        raise ValueError("model_or_config: linear layers with biases are not modelled "
+                         "(attention_bias/mlp_bias)")
+    return shape
+
+
+@dataclass
+class Ledger:
+    """Bytes of one training step (or forward pass) by term; `total` is the peak (see the module doc)."""
+
+    method: str
+    batch_size: int
+    seq_len: int
+    params: int  # parameters of the base model
+    trainable: int  # parameters the optimizer updates
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int  # saved for the backward pass (with grad checkpointing: the block inputs)
+    logits: int  # the loss's fp32 buffers at the start of the backward pass
+    workspace: int = 0  # backward pass of one block: gradient buffers (+ its recomputed activations)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    TERMS: ClassVar[tuple[str, ...]] = ("weights", "gradients", "optimizer", "activations", "logits",
+                                        "workspace")
+    COLORS: ClassVar[dict[str, str]] = {"weights": "#4c72b0", "gradients": "#dd8452", "optimizer": "#55a868",
+                                        "activations": "#c44e52", "logits": "#8172b3", "workspace": "#937860"}
+
+    @property
+    def gradients_at_peak(self) -> bool:
+        """True when the peak is at the end of the backward pass (gradients, no activations)."""
+        return self.gradients > self.activations + max(self.logits, self.workspace)
+
+    @property
+    def total(self) -> int:
+        """weights + optimizer + max(activations + max(logits, workspace), gradients)."""
+        return self.weights + self.optimizer + max(self.activations + max(self.logits, self.workspace),
+                                                   self.gradients)
+
+    def at_peak(self) -> dict[str, int]:
+        """The terms alive at the peak moment (they sum to `total`)."""
+        if self.gradients_at_peak:
+            return {"weights": self.weights, "optimizer": self.optimizer, "gradients": self.gradients}
+        busy = "logits" if self.logits >= self.workspace else "workspace"
+        return {"weights": self.weights, "optimizer": self.optimizer, "activations": self.activations,
+                busy: getattr(self, busy)}
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"total": self.total}
+
+    def __str__(self) -> str:
+        unit, div = ("GB", 1e9) if self.total >= 1e9 else ("MB", 1e6)
+        peak = self.at_peak()
+        rows = [(f"{self.method}: {self.params / 1e6:,.1f}M params ({self.trainable / 1e6:,.2f}M trained), "
+                f"batch {self.batch_size} x seq {self.seq_len}")]
+        for term in self.TERMS:
+            value = getattr(self, term)
+            absent = "" if term in peak else "   (not at the peak)"
+            rows.append(f"  {term:<12}{value / div:10.3f} {unit}{absent}")
+        rows.append(f"  {'total (peak)':<12}{self.total / div:10.3f} {unit} = " + " + ".join(peak))
+        return "\n".join(rows + [f"  note: {n}" for n in self.notes])
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(str(self))
+
+    def plot(self, ax=None, x: float = 0.0, label: str | None = None, unit: str = "GB"):
+        """A stacked bar (at position `x`) of the terms alive at the peak; returns the axis."""
+        import matplotlib.pyplot as plt
+
+        div = {"GB": 1e9, "MB": 1e6}[unit]
+        if ax is None:
+            _, ax = plt.subplots(figsize=(4, 4))
+            ax.set_title(f"{self.method}: peak {self.total / div:.2f} {unit}")
+        bottom, seen = 0.0, set(ax.get_legend_handles_labels()[1])
+        for term, value in self.at_peak().items():
+            ax.bar(x, value / div, bottom=bottom, color=self.COLORS[term], width=0.6,
+                   label=None if term in seen else term)
+            seen.add(term)
+            bottom += value / div
+        ticks = getattr(ax, "_qlearn_ticks", {})  # bars drawn on this axis before, by position
+        ticks[x] = label or self.method
+        ax._qlearn_ticks = ticks
+        ax.set_xticks(list(ticks), list(ticks.values()))
+        ax.set_ylabel(f"memory at the peak ({unit})")
+        ax.legend(loc="upper left", fontsize=8)
+        return ax
+
+
+def _check_int(name: str, value, low: int = 1, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or value > (high or value):
+        span = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {span}, got {value!r}")
+
+
+def _block_bytes(s: Shape, a: int, lora_r: int | None) -> int:
+    """Bytes saved for the backward pass per token by one block (formulas in the module docstring)."""
+    h, hq, hkv, m = s.hidden, s.q_width, s.kv_width, s.intermediate
+    # rotated q and the attention output, k and v, gate (SiLU input), SiLU output, up, logsumexp
+    attention_and_mlp = 2 * a * hq + 2 * a * hkv + 3 * a * m + 4 * s.heads
+    if lora_r is None:  # trained norms (fp32 input + normalized) and linear layers (their inputs)
+        return 2 * (4 * h + a * h) + 2 * a * h + a * m + attention_and_mlp
+    adapter_inputs = 4 * (5 * h + hq + m) if a != 4 else a * (2 * h + m)  # fp32 casts, or shared tensors
+    return 2 * 4 * h + attention_and_mlp + adapter_inputs + 7 * 4 * lora_r
+
+
+def _optimizer_bytes(optimizer: str, tensors: list[tuple[int, int]], mixed_precision: bool) -> int:
+    """Optimizer state bytes for trainable tensors given as (numel, bytes per element)."""
+    total = 0
+    for n, b in tensors:
+        if optimizer == "adamw":  # torch: exp_avg, exp_avg_sq like the parameter, a fp32 step counter
+            total += (12 * n if mixed_precision else 2 * b * n) + 4
+        elif optimizer.endswith("32bit") or n < 4096:  # bitsandbytes keeps small tensors in 32 bits
+            total += 8 * n
+        else:  # two uint8 states + an fp32 absmax per block of 256
+            total += 2 * (n + 4 * math.ceil(n / 256))
+    return total
+
+
+def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, optimizer: str = "adamw",
+             weight_format: str | None = None, lora_r: int | None = None, grad_checkpointing: bool = False,
+             mixed_precision: bool = False, double_quant: bool = True,
+             trainable_layers: int | None = None) -> Ledger:
+    """The memory ledger of one training step (or a forward pass) of a Llama-shaped model.
+
+    model_or_config   a name in LLAMA_SHAPES ("llama-7b", ..., "tiny"), a transformers config or a model
+    method            "full", "freeze" (the last `trainable_layers` blocks, default L // 4, the final
+                      norm and the head), "lora", "qlora" (LoRA on all 7 linear layers of every block,
+                      rank `lora_r`, default 16) or "inference"
+    weight_format     "bf16" (default), "fp16" or "fp32"; for "qlora" "nf4" (default), "fp4" or "int8";
+                      for "inference" also any format of bits_per_param. 4-bit formats use blocks of 64
+                      and, unless double_quant=False, double quantization (QLoRA's recipe).
+    optimizer         one of OPTIMIZERS; mixed_precision=True adds fp32 master weights (16-bit "full"
+                      or "freeze" with "adamw")
+    """
+    s = shape_of(model_or_config)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_int("batch_size", batch_size)
+    _check_int("seq_len", seq_len)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    fmt = (weight_format or ("nf4" if method == "qlora" else "bf16"))
+    fmt = fmt.lower() if isinstance(fmt, str) else fmt
+    bits_per_param(fmt)  # validates the name
+    float_fmt = fmt in ("fp32", "fp16", "bf16")
+    if method in ("full", "freeze", "lora") and not float_fmt:
+        raise ValueError(f"weight_format for method={method!r} must be 'bf16', 'fp16' or 'fp32' (a quantized "
+                         f"base is method='qlora'), got {weight_format!r}")
+    if method == "qlora" and fmt not in ("nf4", "fp4", "int8"):
+        raise ValueError(f"weight_format for method='qlora' must be 'nf4', 'fp4' or 'int8', "
+                         f"got {weight_format!r}")
+    if method in ("lora", "qlora"):
+        lora_r = 16 if lora_r is None else lora_r
+        _check_int("lora_r", lora_r)
+    elif lora_r is not None:
+        raise ValueError(f"lora_r is for method='lora' or 'qlora', not {method!r}")
+    if method == "freeze":
+        trainable_layers = max(1, s.layers // 4) if trainable_layers is None else trainable_layers
+        _check_int("trainable_layers", trainable_layers, 1, s.layers)
+    elif trainable_layers is not None:
+        raise ValueError(f"trainable_layers is for method='freeze', not {method!r}")
+    if mixed_precision and (method not in ("full", "freeze") or fmt not in ("bf16", "fp16")
+                            or optimizer != "adamw"):
+        raise ValueError("mixed_precision=True (fp32 master weights) needs method 'full' or 'freeze', "
+                         "weight_format 'bf16' or 'fp16' and optimizer 'adamw'")
+    if method == "inference" and grad_checkpointing:
+        raise ValueError("grad_checkpointing is for training methods, not 'inference'")
+
+    tokens = batch_size * seq_len
+    h, L, V = s.hidden, s.layers, s.vocab
+    a = 4 if fmt == "fp32" or method == "qlora" else 2  # bytes of an activation
+    notes = []
+
+    # Step 1: weights (4-bit/8-bit: block linear layers only, the rest 16-bit, or fp32 after QLoRA's prepare)
+    lora = [] if lora_r is None else [(lora_r * n_in, 4) for _, n_in, _ in s.linears()] * L + \
+        [(n_out * lora_r, 4) for _, _, n_out in s.linears()] * L
+    if float_fmt:
+        weights = s.params * FLOAT_BITS[fmt] // 8
+    else:
+        row = [(n_in * n_out, n_in) for _, n_in, n_out in s.linears()]
+        quant_bits = L * sum(n * bits_per_param(fmt, 64, double_quant, row_length=r) for n, r in row)
+        weights = math.ceil(quant_bits / 8) + (s.params - s.linear_params) * (4 if method == "qlora" else 2)
+    weights += sum(n * b for n, b in lora)
+
+    # Step 2: what the optimizer updates, and the gradients
+    wb = FLOAT_BITS[fmt] // 8 if float_fmt else 2
+    if method == "full":
+        trained = [(n, wb) for n in s.tensors()]
+    elif method == "freeze":
+        head = [s.vocab * h]  # the head, or the embedding it shares
+        trained = [(n, wb) for n in s.block_tensors() * trainable_layers + [h] + head]
+    else:
+        trained = lora
+    gradients = sum(n * b for n, b in trained)
+
+    # Step 3: optimizer states
+    optimizer_bytes = _optimizer_bytes(optimizer, trained, mixed_precision) if trained else 0
+    if optimizer.startswith("paged") and trained:
+        notes.append("paged optimizer states live in CUDA unified memory: "
+                     "not in torch.cuda.max_memory_allocated")
+
+    # Step 4: activations, the loss buffers and the backward working set of one block
+    workspace = 0
+    if method == "inference":
+        kv_cache = 2 * L * s.kv_width * a
+        activations = (kv_cache + a * (2 * h + 3 * s.intermediate)) * tokens
+        logits = 6 * V * batch_size  # the last position's logits, bf16 and fp32
+        notes.append("inference: KV cache + one block's working set + last-position logits (rough)")
+    else:
+        m = s.intermediate
+        trained_blocks = trainable_layers if method == "freeze" else L
+        per_block = _block_bytes(s, a, lora_r)
+        head = 4 * h + (2 * a * h if method in ("full", "freeze") else 0)  # final norm (+ head input)
+        # gradient buffers of the block being differentiated: 16-bit (or fp32) MLP- and model-width
+        # gradients, and for LoRA the fp32 gradient of the adapters' MLP-width input
+        workspace = (a * (2 * m + 2 * h) if lora_r is None else 2 * (2 * m + 2 * h) + 4 * m) * tokens
+        if grad_checkpointing:
+            saved = trained_blocks * a * h + head
+            workspace += (per_block + 2 * a * h) * tokens  # the recomputed block, its output and gradient
+        else:
+            first_norm = 0 if method == "full" else 4 * h  # its input needs no gradient
+            saved = trained_blocks * per_block - first_norm + head
+        activations = saved * tokens
+        logits = 12 * V * tokens
+    return Ledger(method, batch_size, seq_len, s.params, sum(n for n, _ in trained), weights, gradients,
+                  optimizer_bytes, activations, logits, workspace, tuple(notes))
+
+
+def peak_memory(fn, device=None) -> int:
+    """Peak bytes torch allocates while `fn()` runs, above what was allocated when it started.
+
+    CUDA: torch.cuda.max_memory_allocated (torch's caching allocator; the CUDA context and paged
+    optimizer states are not in it). CPU: every allocation and free the profiler records
+    (profile_memory=True), replayed in time order.
+    """
+    import os
+
+    import torch
+
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    if device.type != "cpu":
+        raise ValueError(f"device must be a CPU or CUDA device, got {device}")
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    saved_stderr = os.dup(2)  # the profiler's C++ side prints start/stop lines with timestamps there
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fn()
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation:  # alloc_size < 0 for a free
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
