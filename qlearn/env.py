@@ -7,6 +7,7 @@ the same numbers on every run (nbval re-checks them in CI).
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import random
@@ -14,6 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+# bitsandbytes (0.50, CPUs with AVX512-BF16) tries the optional `kernels` package for a faster 4-bit
+# CPU matmul and logs a warning when it is missing; it then uses its own kernel, which is correct.
+# The course needs no hub kernels (and cannot download them offline), so the warning is silenced.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["seed_everything", "get_device", "environment_report", "EnvironmentReport", "on_colab"]
 

@@ -43,7 +43,7 @@ def token_windows(tokenizer, texts: list[str] | str | None = None, seq_len: int 
         raise ValueError("texts must be None, a string or a non-empty list of strings")
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)  # no max-length warning: we cut windows
         ids.append(tokenizer.eos_token_id)
     n = min(len(ids), max_tokens) // seq_len
     if n == 0:

@@ -82,8 +82,9 @@ def load_model(name: str | None = None, *, quantization=None, device=None, dtype
         kwargs["quantization_config"] = (quantization if isinstance(quantization, BitsAndBytesConfig)
                                          else bnb_config(quantization))
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the load report of a quantized model is noise in a notebook
+    hf_logging.disable_progress_bar()  # and so is a "Loading weights" bar for a 19 MB model
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -96,6 +97,8 @@ def load_model(name: str | None = None, *, quantization=None, device=None, dtype
             f"(`hf download {source}`) so that it is in the local cache.") from err
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if quantization is None:
         model.to(device)
     if tokenizer.pad_token is None:
