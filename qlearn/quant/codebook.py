@@ -1,0 +1,62 @@
+"""Codebook (k-means) quantization: store an index into a small table of values instead of a grid step.
+
+With 2^b centroids c_0 < ... < c_{K-1} (K = 2^b), every value is replaced by its nearest centroid:
+
+    code_i = argmin_k |x_i - c_k|          (b bits)
+    x_hat  = c[code_i]
+
+and Lloyd's algorithm (1-D k-means) moves each centroid to the mean of the values assigned to it,
+which never increases the squared error. Initialised at the quantiles (k + 1/2)/K of x, so the
+result is deterministic. Linear quantization is the special case of an evenly spaced table; a
+learned table puts more levels where the values are dense (around 0 for weights), so it wins at
+the same bits. NF4 (notebook 03/06) is a *fixed* table, chosen once for normally distributed
+weights, so no table has to be stored per tensor; AQLM learns *additive* codebooks over groups of
+8 weights (a vector is a sum of entries from several tables), reaching ~2 bits per weight.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Codebook", "kmeans_quantize"]
+
+
+class Codebook(NamedTuple):
+    codes: Tensor  # uint8 indices, the input's shape
+    table: Tensor  # float32 (2^bits,) sorted centroids
+
+    def dequantize(self) -> Tensor:
+        return self.table[self.codes.long()]
+
+
+def _assign(x: Tensor, table: Tensor) -> Tensor:
+    """Nearest centroid of each value: bucketize on the midpoints of the sorted table."""
+    return torch.bucketize(x, (table[1:] + table[:-1]) / 2)
+
+
+def kmeans_quantize(x: Tensor, bits: int = 4, iters: int = 20) -> Codebook:
+    """A 2^bits-entry table fitted to x by Lloyd's algorithm, and x's codes in it."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x))}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be a non-negative int, got {iters!r}")
+    flat = x.reshape(-1).float()
+    k = 2**bits
+    # Step 1: centroids at the quantiles (k + 1/2) / K of the data.
+    table = torch.quantile(flat[: 2**24], (torch.arange(k) + 0.5) / k)
+    for _ in range(iters):
+        # Step 2: assign each value to its nearest centroid.
+        codes = _assign(flat, table)
+        # Step 3: move each centroid to the mean of its values (an empty cluster keeps its place).
+        sums = torch.zeros(k).index_add_(0, codes, flat)
+        counts = torch.bincount(codes, minlength=k).float()
+        table = torch.where(counts > 0, sums / counts.clamp(min=1), table).sort().values
+    codes = _assign(flat, table).to(torch.uint8).reshape(x.shape)
+    return Codebook(codes, table)
