@@ -13,14 +13,29 @@ Asymmetric (min-max; the range always includes 0, as torch's observers do, so 0 
     zero_point = clamp(round(-lo / scale), 0, 2^b - 1)
     q          = clamp(round(x / scale) + zero_point, 0, 2^b - 1)          (uint8 storage)
 
-and in both cases  x_hat = scale * (q - zero_point). `round` is round-half-to-even (torch.round),
-the rounding of torch.quantize_per_tensor. Every x inside the grid's range comes back within scale/2.
+and in both cases  x_hat = scale * (q - zero_point). Every x inside the grid's range comes back
+within scale/2.
+
+Three details make the codes equal torch.quantize_per_tensor / quantize_per_channel's bit for bit
+(measured on torch 2.13's x86 CPU kernels; tests/test_quant_linear.py checks it):
+- `round` is round-half-to-even (torch.round; torch's kernels use nearbyint);
+- the zero point is added *before* rounding, q = clamp(round(x * (1 / scale) + zero_point)), with the
+  multiply-add rounded once to float32 (torch's kernels use a fused multiply-add). This equals
+  round(x / scale) + zero_point except next to ties: at an exact tie with an odd zero point the two
+  pick codes one apart (half-to-even applies to the code, not to x / scale), and x / scale differs
+  from x * (1 / scale) in the last bit now and then (4 codes in 10^6 Gaussian values at scale 0.01);
+- the scale is floored at SCALE_FLOOR = float32 eps (1.19e-7), the floor of torch.ao.quantization's
+  observers, so an all-zero group gets a tiny scale and codes 0 (its values come back as exact zeros)
+  instead of 0/0 = NaN. Scales and zero points equal those of MinMaxObserver / PerChannelMinMaxObserver
+  (symmetric: dtype=qint8, quant_min=-127, quant_max=127; asymmetric: quint8).
 
 Granularity: one (scale, zero point) per tensor (axis=None), per channel along `axis` (like
 torch.quantize_per_channel's `axis`), or per group of `group_size` consecutive values along the
 last dimension. `clip_ratio` < 1 shrinks the range (values outside are clamped): the trade-off
 between rounding error and clipping error that `mse_clip_search` optimizes.
-A group whose values are all 0 gets scale 1 (not 0/0 = NaN); its values come back as exact zeros.
+
+Building blocks for other quantizers: `qrange`, `compute_scale_zero_point`, `quantize_codes` (codes on
+a given grid) and `dequantize_codes`.
 """
 
 from __future__ import annotations
@@ -30,32 +45,69 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["QTensor", "quantize", "compute_scale_zero_point", "mse_clip_search", "qrange"]
+__all__ = [
+    "SCALE_FLOOR",
+    "QTensor",
+    "compute_scale_zero_point",
+    "dequantize_codes",
+    "mse_clip_search",
+    "qrange",
+    "quantize",
+    "quantize_codes",
+]
+
+SCALE_FLOOR = torch.finfo(torch.float32).eps  # torch.ao.quantization observers' floor on the scale
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     """The integer codes' range: [-(2^(b-1)-1), 2^(b-1)-1] symmetric, [0, 2^b-1] asymmetric."""
+    _check_bits(bits)
     return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+def quantize_codes(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, symmetric: bool = True) -> Tensor:
+    """Codes of x on a given grid: clamp(round(x * (1 / scale) + zero_point), qmin, qmax), int8 when
+    symmetric, uint8 otherwise; scale and zero_point broadcast against x."""
+    qmin, qmax = qrange(bits, symmetric)
+    inv_scale = 1.0 / scale.float()  # torch multiplies by the float32 reciprocal (module docstring)
+    # float32 * float32 is exact in float64, so one rounding to float32 after the add is torch's fused
+    # multiply-add; with zero_point = 0 it is the plain float32 product
+    y = (x.float().double() * inv_scale.double() + zero_point).float()
+    q = torch.clamp(torch.round(y), qmin, qmax)
+    return q.to(torch.int8 if symmetric else torch.uint8)
+
+
+def dequantize_codes(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """x_hat = (q - zero_point) * scale in float32 (the difference is an exact integer, as in torch)."""
+    return (q.float() - zero_point) * scale
 
 
 @dataclass
 class QTensor:
-    """Quantized data plus everything needed to undo it."""
+    """Quantized data plus everything needed to undo it (like bitsandbytes' packed data + QuantState).
+
+    For per-group quantization `scale` and `zero_point` have shape (*shape[:-1], shape[-1] // group_size, 1)
+    and broadcast against q viewed as (*shape[:-1], shape[-1] // group_size, group_size); per-channel
+    they are 1 everywhere but along `axis`; per-tensor they are 0-d."""
 
     q: Tensor  # integer codes, the input's shape (int8 symmetric, uint8 asymmetric)
-    scale: Tensor  # float32, broadcastable against the grouped view of q
-    zero_point: Tensor  # same layout as scale (zeros when symmetric)
+    scale: Tensor  # float32
+    zero_point: Tensor  # float32 holding integers, same layout as scale (zeros when symmetric)
     bits: int
     symmetric: bool
-    axis: int | None
+    axis: int | None  # normalized to 0..ndim-1
     group_size: int | None
     shape: torch.Size
     dtype: torch.dtype
 
     def dequantize(self) -> Tensor:
         """x_hat = scale * (q - zero_point), in the original shape and dtype."""
-        q = _grouped(self.q, self.group_size).float()
-        x_hat = (q - self.zero_point) * self.scale
+        x_hat = dequantize_codes(_grouped(self.q, self.group_size), self.scale, self.zero_point)
         return x_hat.reshape(self.shape).to(self.dtype)
 
     @property
@@ -64,11 +116,20 @@ class QTensor:
             return f"per-group({self.group_size})"
         return "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
 
-    def bits_per_param(self, scale_bits: int = 16) -> float:
-        """Storage bits per value: b for the code, plus the scales (and zero points, if asymmetric)
-        stored in `scale_bits` each, spread over the values they cover."""
-        extra = self.scale.numel() * scale_bits * (1 if self.symmetric else 2)
-        return self.bits + extra / self.q.numel()
+    def storage_bits(self, scale_bits: int = 16, zero_point_bits: int = 16) -> int:
+        """Bits to store this tensor with packed codes: `bits` per value, plus `scale_bits` per scale
+        and, if asymmetric, `zero_point_bits` per zero point (fp16 each by default, as in RTN/GGUF;
+        GPTQ packs its zero points in `bits` bits: pass zero_point_bits=self.bits)."""
+        extra = self.scale.numel() * (scale_bits + (0 if self.symmetric else zero_point_bits))
+        return self.q.numel() * self.bits + extra
+
+    def bits_per_param(self, scale_bits: int = 16, zero_point_bits: int = 16) -> float:
+        """storage_bits / numel: e.g. 4 + 16/128 = 4.125 for symmetric 4-bit groups of 128."""
+        return self.storage_bits(scale_bits, zero_point_bits) / self.q.numel()
+
+    def nbytes_packed(self, scale_bits: int = 16, zero_point_bits: int = 16) -> int:
+        """storage_bits rounded up to whole bytes."""
+        return -(-self.storage_bits(scale_bits, zero_point_bits) // 8)
 
     def __repr__(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
@@ -85,76 +146,78 @@ def _check(x: Tensor, bits: int, axis: int | None, group_size: int | None, clip_
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        raise TypeError(f"x must be a floating-point tensor (float32, float16, bfloat16, float64), "
+                        f"got dtype {x.dtype}")
     if x.numel() == 0:
         raise ValueError("x must not be empty")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or inf: quantization needs finite values")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
+    _check_bits(bits)
     if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or not -x.dim() <= axis < x.dim()):
-        raise ValueError(f"axis must be None or an int in [{-x.dim()}, {x.dim() - 1}], got {axis!r}")
+        raise ValueError(f"axis must be None or an int in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-D "
+                         f"tensor, got {axis!r}")
     if group_size is not None:
         if axis is not None:
             raise ValueError("give either axis (per-channel) or group_size (per-group), not both")
+        last = x.shape[-1] if x.dim() else None
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 \
-                or x.shape[-1] % group_size:
+                or last is None or last % group_size:
             raise ValueError(f"group_size must be a positive int dividing the last dimension "
-                             f"({x.shape[-1]}), got {group_size!r}")
-    if not 0 < clip_ratio <= 1:
+                             f"({last}), got {group_size!r}")
+    if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, (int, float)) or not 0 < clip_ratio <= 1:
         raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}")
 
 
-def _reduce_dims(x: Tensor, axis: int | None, group_size: int | None) -> tuple[int, ...] | None:
-    """Dimensions of the (grouped) tensor that one scale covers; None means all of them."""
+def _reduce(t: Tensor, op, x_dim: int, axis: int | None, group_size: int | None) -> Tensor:
+    """op (amin/amax) over what one scale covers, keeping dims so the result broadcasts against t."""
     if group_size is not None:
-        return (-1,)
+        return op(t, dim=-1, keepdim=True)  # t is grouped: (..., n // group_size, 1)
     if axis is None:
-        return None
-    axis = axis % x.dim()
-    return tuple(d for d in range(x.dim()) if d != axis)
+        return op(t)  # 0-d
+    dims = tuple(d for d in range(x_dim) if d != axis % x_dim)
+    return op(t, dim=dims, keepdim=True) if dims else t.clone()  # 1-D per-channel: one scale per value
 
 
 def compute_scale_zero_point(x: Tensor, bits: int, symmetric: bool = True, axis: int | None = None,
                              group_size: int | None = None, clip_ratio: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(scale, zero_point) by the formulas of the module docstring, shaped to broadcast against
-    the grouped view of x (x itself unless group_size is given)."""
+    """(scale, zero_point), float32, by the formulas of the module docstring, shaped to broadcast
+    against the grouped view of x (x itself unless group_size is given)."""
     _check(x, bits, axis, group_size, clip_ratio)
     xg = _grouped(x.float(), group_size)
-    dims = _reduce_dims(x, axis, group_size)
     qmin, qmax = qrange(bits, symmetric)
-
-    def reduce(t: Tensor, op) -> Tensor:
-        return op(t) if dims is None else op(t, dim=dims, keepdim=True)
-
+    # Step 1: the range each scale covers, stretched to hold 0, then shrunk by clip_ratio
+    lo = _reduce(xg, torch.amin, x.dim(), axis, group_size).clamp(max=0) * clip_ratio
+    hi = _reduce(xg, torch.amax, x.dim(), axis, group_size).clamp(min=0) * clip_ratio
+    # Step 2: the step between levels, floored so that an all-zero group does not divide by 0
     if symmetric:
-        absmax = reduce(xg.abs(), torch.amax) * clip_ratio
-        scale = absmax / qmax
-        zero_point = torch.zeros_like(scale)
-    else:
-        lo = reduce(xg, torch.amin).clamp(max=0) * clip_ratio
-        hi = reduce(xg, torch.amax).clamp(min=0) * clip_ratio
-        scale = (hi - lo) / (qmax - qmin)
-        zero_point = torch.clamp(torch.round(-lo / torch.where(scale > 0, scale, 1.0)), qmin, qmax)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: no 0/0
+        scale = (torch.maximum(-lo, hi) / qmax).clamp(min=SCALE_FLOOR)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=SCALE_FLOOR)
+    # Step 3: the code of 0 (torch's observers write it qmin - round(lo / scale), the same number)
+    zero_point = torch.clamp(torch.round(-lo / scale), qmin, qmax)
     return scale, zero_point
 
 
 def quantize(x: Tensor, bits: int = 8, symmetric: bool = True, axis: int | None = None,
              group_size: int | None = None, clip_ratio: float = 1.0) -> QTensor:
-    """Quantize x to `bits`-bit integer codes with a scale and a zero point (module docstring)."""
+    """Quantize x to `bits`-bit integer codes with a scale and a zero point (module docstring).
+
+    axis=None: per-tensor; axis=k: per-channel, one scale per index along dimension k;
+    group_size=g: per-group, one scale per g consecutive values of the last dimension (g must divide it).
+    """
     scale, zero_point = compute_scale_zero_point(x, bits, symmetric, axis, group_size, clip_ratio)
-    qmin, qmax = qrange(bits, symmetric)
-    xg = _grouped(x.float(), group_size)
-    q = torch.clamp(torch.round(xg / scale) + zero_point, qmin, qmax)
-    q = q.reshape(x.shape).to(torch.int8 if symmetric else torch.uint8)
+    q = quantize_codes(_grouped(x, group_size), scale, zero_point, bits, symmetric).reshape(x.shape)
+    axis = None if axis is None else axis % x.dim()
     return QTensor(q, scale, zero_point, bits, symmetric, axis, group_size, x.shape, x.dtype)
 
 
 def mse_clip_search(x: Tensor, bits: int, symmetric: bool = True, axis: int | None = None,
                     group_size: int | None = None, ratios: Tensor | None = None) -> tuple[float, Tensor, Tensor]:
     """The clip ratio in `ratios` (default 0.30, 0.31, ..., 1.00) that minimizes the mean squared
-    error ||x - dequantize(quantize(x, clip_ratio=c))||^2 / n; returns (best ratio, ratios, errors)."""
+    error ||x - dequantize(quantize(x, clip_ratio=c))||^2 / n; returns (best ratio, ratios, errors).
+
+    Clipping trades a larger error on the few values beyond the shrunk range for a finer grid (a
+    smaller rounding error) on all the others; AWQ's clip search makes the same trade per group."""
     ratios = torch.linspace(0.3, 1.0, 71) if ratios is None else ratios
     errors = torch.stack([
         (quantize(x, bits, symmetric, axis, group_size, float(c)).dequantize().float() - x.float()).pow(2).mean()
