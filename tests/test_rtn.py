@@ -52,19 +52,25 @@ def test_groups_beat_per_channel_on_weight_error():
     assert err(32) < 0.5 * err(None)
 
 
-def test_matches_torch_fake_quantize_per_channel_affine():
+def test_matches_torch_fake_quantize_per_channel_affine_bit_for_bit():
     w = _w(32, 256, seed=3)
     for bits in (3, 4, 8):
-        groups = w.reshape(-1, 64)  # groups of 64 are rows of this view: one channel each
+        groups = w.reshape(-1, 64)  # groups of 64 are the rows of this view: one channel each
         scale, zero = rtn.minmax_params(groups, bits)
         ours = rtn.quantize_rtn(w, bits, 64).reshape(-1, 64)
         theirs = torch.fake_quantize_per_channel_affine(groups, scale.view(-1), zero.view(-1).int(), 0, 0,
                                                         2**bits - 1)
-        # torch multiplies by 1/scale and rounds (x/s + zp); we round x/s then add zp: the same
-        # except at exact ties, where float rounding can pick the other neighbour (one step).
-        differ = (ours - theirs).abs() > 1e-6
-        assert differ.float().mean() < 1e-3
-        assert torch.all((ours - theirs).abs() <= scale * 1.0001)
+        assert torch.equal(ours, theirs)
+    scale, zero = rtn.minmax_params(w, 4)  # group_size=None: one grid per output row
+    per_channel = torch.fake_quantize_per_channel_affine(w, scale.view(-1), zero.view(-1).int(), 0, 0, 15)
+    assert torch.equal(rtn.quantize_rtn(w, 4), per_channel)
+
+
+def test_clip_ratio_shrinks_the_grid():
+    w = _w()
+    clipped = rtn.quantize_rtn(w, 4, 32, clip_ratio=0.5)
+    assert clipped.abs().max() < 0.6 * w.abs().max()
+    assert not torch.equal(clipped, rtn.quantize_rtn(w, 4, 32))
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [

@@ -55,14 +55,12 @@ def clip_search(w: Tensor, x: Tensor, bits: int, group_size: int | None = None, 
     X = X[:: max(1, X.shape[0] // n_tokens)]  # evenly spaced tokens: the search is per group, cheap
     W = w.float().reshape(rows, cols // group, group)  # (rows, groups, group_size)
     Xg = X.reshape(-1, cols // group, group)  # (tokens, groups, group_size)
-    lo, hi = W.amin(dim=-1, keepdim=True), W.amax(dim=-1, keepdim=True)
     best_error = torch.full((rows, cols // group), float("inf"), device=W.device)
     best = torch.zeros_like(W)
     for i in range(round(max_shrink * n_grid)):
         r = 1 - i / n_grid
-        # Step 1: clip each group to r times its range; RTN then uses the narrower grid.
-        Q = rtn.quantize_rtn(torch.maximum(torch.minimum(W, r * hi), r * lo).reshape(rows, cols),
-                             bits, group_size, symmetric=symmetric).reshape(W.shape)
+        # Step 1: RTN on grids shrunk to r times each group's range (values beyond it are clamped).
+        Q = rtn.quantize_rtn(w.float(), bits, group_size, symmetric=symmetric, clip_ratio=r).reshape(W.shape)
         # Step 2: each group's contribution to the output error, (rows, groups).
         error = torch.einsum("rgk,ngk->rgn", W - Q, Xg).pow(2).mean(dim=-1)
         # Step 3: keep, per row and group, the best ratio so far.
@@ -74,7 +72,8 @@ def clip_search(w: Tensor, x: Tensor, bits: int, group_size: int | None = None, 
 
 @torch.no_grad()
 def awq_quantize(w: Tensor, x: Tensor, bits: int, group_size: int | None = None, *,
-                 n_grid: int = 20, clip: bool = True, symmetric: bool = False) -> tuple[Tensor, Tensor, float]:
+                 n_grid: int = 20, clip: bool = True, n_tokens: int = 1024,
+                 symmetric: bool = False) -> tuple[Tensor, Tensor, float]:
     """Return `(w_hat, s, alpha)`: the effective dequantized weight Q(W diag(s)) diag(s)^-1 in w's
     dtype, the per-input-channel scales, and the chosen alpha.
 
@@ -88,8 +87,11 @@ def awq_quantize(w: Tensor, x: Tensor, bits: int, group_size: int | None = None,
         raise ValueError(f"n_grid must be a positive int (AWQ uses 20), got {n_grid!r}")
     W = w.float()
     X = x.reshape(-1, x.shape[-1]).float()  # (N, in_features)
-    # Step 1: how large each input channel's activations are, on average.
+    # Step 1: how large each input channel's activations are, on average (all tokens); the search
+    # below measures its error on about `n_tokens` evenly spaced tokens, which is plenty for a choice
+    # among n_grid values and keeps it cheap.
     x_mean = activation_scale(X).clamp(min=1e-8)
+    X = X[:: max(1, X.shape[0] // n_tokens)]
     y = X @ W.T  # (N, out_features): the full-precision output
     best = (float("inf"), None, None, 0.0)
     for i in range(n_grid):
