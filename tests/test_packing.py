@@ -29,7 +29,16 @@ def test_4bit_layout_is_bitsandbytes():
     w = torch.randn(8, 64)
     packed, _ = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
     codes = nf4.quantize_nf4(w, blocksize=64).codes
-    assert torch.equal(pack(codes, 4), packed.reshape(-1))
+    assert torch.equal(pack(codes, 4), packed.reshape(-1))  # the first code in the high nibble
+    assert torch.equal(unpack(packed.reshape(-1), 4, w.numel()), codes.reshape(-1))
+
+
+def test_4bit_order_is_visible_in_one_bitsandbytes_byte():
+    # NF4's table[15] = 1.0 and table[7] = 0.0: a block (1.0, 0.0, 0, ...) gives codes 15, 7, 7, ...
+    w = torch.zeros(64)
+    w[0] = 1.0
+    packed, _ = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert packed.reshape(-1)[0].item() == 0xF7 == pack(torch.tensor([15, 7]), 4).item()
 
 
 def test_packing_saves_what_it_promises():

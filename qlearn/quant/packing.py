@@ -2,11 +2,18 @@
 
 Codes are unsigned integers in [0, 2^bits) (shift signed codes by 2^(bits-1) first).
     4 bits: 2 codes per byte, the first code in the HIGH nibble: byte = (c0 << 4) | c1.
-            This is bitsandbytes' layout (its 4-bit quantizers pack the same way; tests check it).
     2 bits: 4 codes per byte, the first code in the highest two bits: (c0 << 6) | (c1 << 4) | (c2 << 2) | c3.
     3 bits: 8 codes in 3 bytes: the 24-bit number c0 c1 ... c7 (c0 most significant), big-endian.
 A tail that does not fill a byte (or 3 bytes) is padded with zero codes; `unpack` needs `numel`
 to drop them again.
+
+The 4-bit order is bitsandbytes'. Its pure-PyTorch 4-bit kernel (bitsandbytes 0.50.2,
+bitsandbytes/backends/default/ops.py, `quantize_4bit`) packs the flattened codes as
+`(q8[::2] << 4) | q8[1::2]`, the even-indexed (first) code in the high nibble, and its
+`dequantize_4bit` reads them back with `out[::2] = A >> 4; out[1::2] = A & 0xF`; tests/test_packing.py
+checks `pack` against `bitsandbytes.functional.quantize_4bit` byte for byte. Other formats choose
+differently: GGUF's Q4_0 puts value j of a 32-block in the LOW nibble of byte j and value j + 16 in its
+high nibble (qlearn.gguf_export), so always read a format's packing before reinterpreting its bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["pack", "unpack", "packed_nbytes", "BITS"]
+__all__ = ["BITS", "pack", "packed_nbytes", "unpack"]
 
 BITS = (2, 3, 4)
 
