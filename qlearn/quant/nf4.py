@@ -157,6 +157,7 @@ def quantize_blockwise(w: Tensor, table: Tensor, blocksize: int = 64) -> Blockwi
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
     # Step 3: nearest table entry = bucketize on the midpoints between sorted entries; `order`
     # maps a sorted position back to the table's own index (needed for bitsandbytes' fp4 order).
+    table = table.to(w.device)  # the code book is built on the CPU; w may live on a GPU
     order = torch.argsort(table, stable=True)
     midpoints = (table[order[:-1]] + table[order[1:]]) / 2
     codes = order[torch.bucketize(scaled, midpoints)].to(torch.uint8)
@@ -178,7 +179,7 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, table: Tensor, blocksize
                          f"{blocksize} need {n_blocks}: was the same blocksize used to quantize?")
     if int(codes.max()) >= table.numel():
         raise ValueError(f"codes must be < {table.numel()} (the table's size), got {int(codes.max())}")
-    values = _blocks(table[codes.reshape(-1).long()], blocksize)  # (n_blocks, blocksize)
+    values = _blocks(table.to(codes.device)[codes.reshape(-1).long()], blocksize)  # (n_blocks, blocksize)
     w_hat = values * absmax.float().unsqueeze(1)
     return w_hat.reshape(-1)[: codes.numel()].reshape(codes.shape).to(dtype)
 
