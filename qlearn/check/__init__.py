@@ -139,3 +139,12 @@ def exercise(number: str, title: str):
     else:
         ex.result = CheckResult(number, title, "PASSED")
     print(ex.result.line())
+
+
+def __getattr__(name: str):
+    """`qlearn.check.nb02` imports the notebook's checker module on first use."""
+    if name.startswith("nb") and name[2:].isdigit():
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
