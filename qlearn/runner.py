@@ -1,10 +1,11 @@
 """Run notebooks headless, the way CI and an instructor's pre-workshop check do.
 
 `run_notebook(path)` reads the notebook, executes every cell in a fresh kernel started in the
-notebook's folder (nbclient), and returns a `RunResult`: passed or failed, the seconds it took and,
-on failure, the failing cell's source and the error. The file is only written with `write=True`
-(authors refresh committed outputs that way); a notebook that cannot be read is reported, never
-overwritten.
+notebook's folder (nbclient), and returns a `RunResult`: passed, failed (a cell raised, timed out or
+the kernel died) or invalid (not a readable notebook), the seconds it took and, on failure, the
+failing cell's source and the error. The file is executed as a copy in memory and written back only
+with `write=True` and only when every cell passed (authors refresh committed outputs that way); a
+notebook that cannot be read, or that fails, is never overwritten.
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunResult", "run_notebook", "find_notebooks"]
+__all__ = ["NOTEBOOK_SUFFIX", "RunResult", "find_notebooks", "read_notebook", "run_notebook"]
 
 NOTEBOOK_SUFFIX = ".ipynb"
+STATUSES = ("passed", "failed", "invalid")
 
 
 @dataclass
 class RunResult:
     path: Path
-    status: str  # "passed", "failed" (a cell raised or timed out) or "invalid" (not a readable notebook)
+    status: str  # one of STATUSES
     seconds: float = 0.0
-    error: str = ""
+    error: str = ""  # one line: what went wrong
     cell: str = ""  # source of the failing cell
+    cell_index: int = -1  # its index in the notebook (0-based), -1 when no cell is to blame
     notebook: object = None  # the executed nbformat notebook (outputs included), when it ran
 
     @property
@@ -33,16 +36,36 @@ class RunResult:
 
 
 def find_notebooks(paths: list[str] | None, default_dir: Path) -> list[Path]:
-    """The notebooks named (files or folders), or every notebook of `default_dir`, sorted."""
+    """The notebooks named (files, or folders whose *.ipynb are taken), else every notebook of
+    `default_dir`; sorted within each folder, in the order given otherwise. Names that are not
+    notebooks are kept, so that `run_notebook` can say what is wrong with them."""
     if not paths:
-        return sorted(default_dir.glob(f"*{NOTEBOOK_SUFFIX}"))
+        return sorted(Path(default_dir).glob(f"*{NOTEBOOK_SUFFIX}"))
     found: list[Path] = []
     for p in map(Path, paths):
         found.extend(sorted(p.glob(f"*{NOTEBOOK_SUFFIX}")) if p.is_dir() else [p])
     return found
 
 
+def read_notebook(path: Path):
+    """The notebook at `path` (nbformat v4), or ValueError saying, with the file's name, why not."""
+    import nbformat
+
+    if not path.exists():
+        raise ValueError(f"no such notebook: {path}")
+    if path.suffix != NOTEBOOK_SUFFIX or not path.is_file():
+        raise ValueError(f"not a notebook: {path} (expected a {NOTEBOOK_SUFFIX} file)")
+    try:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+    except Exception as err:  # JSON errors, schema errors, undecodable bytes: all mean "not a notebook"
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"cannot read {path} as a notebook: {type(err).__name__}: {first}") from err
+    return nb
+
+
 def _error_cell(nb) -> tuple[int, str, str]:
+    """(index, source, "Name: message") of the first cell with an error output."""
     for i, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
@@ -52,35 +75,37 @@ def _error_cell(nb) -> tuple[int, str, str]:
 
 def run_notebook(path: str | Path, *, timeout: int = 600, write: bool = False,
                  kernel_name: str = "python3") -> RunResult:
+    """Execute the notebook at `path` in a fresh kernel (working directory: its folder).
+
+    `timeout` is the seconds any one cell may run. With `write=True` a notebook whose every cell
+    passed is saved with its new outputs; otherwise the file is left exactly as it was.
+    """
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     path = Path(path)
-    if path.suffix != NOTEBOOK_SUFFIX:
-        return RunResult(path, "invalid", error=f"not a notebook: {path} (expected a {NOTEBOOK_SUFFIX} file)")
-    if not path.is_file():
-        return RunResult(path, "invalid", error=f"no such notebook: {path}")
     try:
-        nb = nbformat.read(path, as_version=4)
-        nbformat.validate(nb)
-    except Exception as err:  # JSON errors, schema errors, unreadable files: all mean "not a notebook"
-        return RunResult(path, "invalid", error=f"cannot read {path} as a notebook: {type(err).__name__}: "
-                                                f"{str(err).splitlines()[0][:200]}")
+        nb = read_notebook(path)
+    except ValueError as err:
+        return RunResult(path, "invalid", error=str(err))
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
                             resources={"metadata": {"path": str(path.parent.resolve())}})
     start = time.perf_counter()
-    status, error, cell = "passed", "", ""
+    status, error, cell, index = "passed", "", "", -1
     try:
         client.execute()
     except CellExecutionError:
         index, cell, error = _error_cell(nb)
         status, error = "failed", f"cell {index}: {error}"
     except CellTimeoutError as err:
-        status, error = "failed", f"a cell ran longer than {timeout} s: {str(err).splitlines()[0][:200]}"
+        status = "failed"
+        error = f"a cell ran longer than the timeout of {timeout} s: {str(err).splitlines()[0][:200]}"
     except DeadKernelError as err:
         status, error = "failed", f"the kernel died (out of memory?): {err}"
+    except Exception as err:  # noqa: BLE001 -- no such kernel, kernel failed to start, ...: a failed run, never a crash
+        status, error = "failed", f"could not run the notebook: {type(err).__name__}: {err}"
     seconds = time.perf_counter() - start
     if write and status == "passed":
         nbformat.write(nb, path)
-    return RunResult(path, status, seconds, error, cell, nb)
+    return RunResult(path, status, seconds, error, cell, index, nb)

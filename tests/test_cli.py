@@ -1,139 +1,179 @@
-"""qlearn's command line: doctor, run, exercises build/check (on small notebooks made here)."""
+"""The `qlearn` command line: doctor, lab, run, exercises build/check (on small notebooks made here)."""
 
-import json
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import CHECKER, EXERCISE, EXERCISE_HEADING, LATER, write_notebook
 
-from qlearn import cli, exercises
-from qlearn.check import PREFIX
+from qlearn import cli, doctor, exercises
+from qlearn.exercises import ExerciseResult
+from qlearn.paths import notebooks_dir
+from qlearn.runner import RunResult
 
-
-def make_notebook(path, *cells):
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
-    nbformat.write(nb, path)
-    return path
+CHECKS = ("python", "torch", "device", "bitsandbytes", "transformers", "peft", "accelerate", "model",
+          "jupyterlab", "nbval")
 
 
-EXERCISE = '''def double(x):
-    """Exercise: twice x."""
-    ### BEGIN SOLUTION
-    return 2 * x
-    ### END SOLUTION'''
-CHECKER = '''from qlearn.check import exercise
-with exercise("9.1", "double") as ex:
-    ex.equal(double(21), 42, "double(21)", hint="multiply by two")'''
+def lines_by_check(text):
+    """{check name: its status word} from doctor's report."""
+    return {line.split()[1]: line.split()[0] for line in text.splitlines() if line[:4] in ("OK  ", "FAIL", "WARN")}
 
 
-def test_doctor_passes_here_and_names_every_check(capsys):
+def test_doctor_passes_here_and_reports_every_check(capsys):
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
-    for name in ("python", "torch", "device", "bitsandbytes", "transformers", "peft", "model"):
-        assert any(line.split()[1:2] == [name] for line in out.splitlines()), name
-    assert "nf4 round-trip error" in out
+    assert lines_by_check(out) == {name: "OK" for name in CHECKS}
+    assert "nf4 max error" in out and "int8 max error" in out and "9.3M parameters, finite logits" in out
     assert out.rstrip().endswith("ready: every required check passed")
 
 
 def test_doctor_fails_with_a_fix_when_the_model_is_missing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("QLEARN_DATA", str(tmp_path))
+    monkeypatch.setenv("QLEARN_DATA", str(tmp_path))  # an empty data folder: no tiny/
     assert cli.main(["doctor"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL  model" in out and "fix: " in out and "not ready" in out
+    assert lines_by_check(out)["model"] == "FAIL"
+    assert f"missing: {tmp_path / 'tiny'} has no config.json" in out
+    assert f"fix: QLEARN_DATA={tmp_path} has no usable tiny/" in out
+    assert out.rstrip().endswith("not ready: fix the FAIL lines above")
 
 
-def test_run_passes_a_good_notebook_and_does_not_write_it(tmp_path, capsys):
-    nb = make_notebook(tmp_path / "good.ipynb", "x = 1 + 1", "print(x)")
-    before = nb.read_bytes()
-    assert cli.main(["run", "--quiet", str(nb)]) == 0
-    out = capsys.readouterr().out
-    assert "good.ipynb  passed" in out and "1 passed, 0 failed" in out
-    assert nb.read_bytes() == before
+def test_an_optional_failure_warns_without_failing_the_report():
+    checks = [doctor.Check("torch", True, "2.13"), doctor.Check("jupyterlab", False, "not installed", "pip ...",
+                                                                 required=False)]
+    text, ok = doctor.report(checks)
+    assert ok and "WARN  jupyterlab" in text and "fix: pip ..." in text
+    text, ok = doctor.report([*checks, doctor.Check("peft", False, "not installed", "pip install peft")])
+    assert not ok and "FAIL  peft" in text and "      fix: pip install peft" in text
 
 
-def test_run_write_saves_outputs(tmp_path):
-    nb = make_notebook(tmp_path / "w.ipynb", "print('hello')")
+def test_lab_opens_jupyterlab_on_the_notebooks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert cli.main(["lab"]) == 0
+    assert calls == [[sys.executable, "-m", "jupyterlab", f"--notebook-dir={notebooks_dir()}"]]
+
+
+def test_lab_names_the_extra_when_jupyterlab_is_missing(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jupyterlab" else real(name, *a))
+    assert cli.main(["lab"]) == 1
+    assert 'pip install -c constraints.txt -e ".[lab]"' in capsys.readouterr().err
+
+
+def test_run_prints_a_table_and_shows_the_failing_cell(tmp_path, capsys):
+    good = write_notebook(tmp_path / "01_good.ipynb", "print(1)")
+    bad = write_notebook(tmp_path / "02_bad.ipynb", "a = 1", "raise ValueError('broken on purpose')", "b = 2")
+    before = good.read_bytes(), bad.read_bytes()
+    assert cli.main(["run", "--quiet", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["notebook", "status", "seconds"]
+    assert [r[:2] for r in rows[2:4]] == [["01_good.ipynb", "passed"], ["02_bad.ipynb", "failed"]]
+    assert float(rows[2][2]) > 0 and out.rstrip().endswith("1 passed, 1 failed")
+    assert "cell 1: ValueError: broken on purpose" in err
+    assert "failing cell (1):\n    raise ValueError('broken on purpose')" in err
+    assert (good.read_bytes(), bad.read_bytes()) == before  # without --write nothing is written
+
+
+def test_run_write_refreshes_outputs(tmp_path, capsys):
+    nb = write_notebook(tmp_path / "w.ipynb", "print('hello')")
     assert cli.main(["run", "--quiet", "--write", str(nb)]) == 0
     assert nbformat.read(nb, as_version=4).cells[0].outputs[0]["text"] == "hello\n"
-
-
-def test_run_shows_the_failing_cell_and_exits_nonzero(tmp_path, capsys):
-    nb = make_notebook(tmp_path / "bad.ipynb", "a = 1", "raise ValueError('broken on purpose')", "b = 2")
-    before = nb.read_bytes()
-    assert cli.main(["run", "--quiet", "--write", str(nb)]) == 1
-    captured = capsys.readouterr()
-    assert "bad.ipynb  failed" in captured.out
-    assert "ValueError: broken on purpose" in captured.err and "raise ValueError" in captured.err
-    assert nb.read_bytes() == before  # a failed run never overwrites the notebook
+    assert "outputs written to 1 notebook" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("missing.ipynb", None, "no such notebook"),
-    ("broken.ipynb", "{ not json", "cannot read"),
-    ("notes.txt", "hello", "not a notebook"),
+    ("missing.ipynb", None, "no such notebook: "),
+    ("broken.ipynb", "{ not json", "cannot read "),
+    ("notes.txt", "hello", "not a notebook: "),
 ])
 def test_run_rejects_missing_and_malformed_notebooks(tmp_path, capsys, name, content, message):
     path = tmp_path / name
     if content is not None:
         path.write_text(content)
-    assert cli.main(["run", "--quiet", str(path)]) == 1
-    assert message in capsys.readouterr().err
+    assert cli.main(["run", "--quiet", "--write", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{path}: invalid: {message}{path}" in err and f"{name}  invalid" in out
     if content is not None:
         assert path.read_text() == content  # nothing overwritten
 
 
-def test_strip_solutions_keeps_indentation_and_names_the_exercise():
-    src, n = exercises.strip_solutions(EXERCISE)
-    assert n == 1
-    assert "return 2 * x" not in src
-    assert '    raise NotImplementedError("Exercise double: replace this line with your solution")' in src
-    header = "# Exercise 2.1: symmetric scale\n" + EXERCISE
-    assert 'Exercise 2.1: symmetric scale' in exercises.strip_solutions(header)[0]
+def test_run_on_an_empty_folder_fails(tmp_path, capsys):
+    assert cli.main(["run", str(tmp_path)]) == 1
+    assert "no notebooks in" in capsys.readouterr().err
 
 
-def test_strip_solutions_rejects_an_unclosed_span():
-    with pytest.raises(ValueError, match="no matching"):
-        exercises.strip_solutions("### BEGIN SOLUTION\nx = 1")
-
-
-def test_built_copy_runs_to_the_end_with_the_exercise_not_attempted(tmp_path, capsys):
+def test_exercises_build_then_check_a_learner_copy(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
-    make_notebook(src / "09_demo.ipynb", EXERCISE, CHECKER, "print('later cells still run')")
+    write_notebook(src / "09_demo.ipynb", EXERCISE_HEADING, EXERCISE, CHECKER, LATER)
     out = tmp_path / "learner"
-    [(path, n)] = exercises.build(src, out)
-    assert n == 1 and not any(c.get("outputs") for c in nbformat.read(path, as_version=4).cells)
-    assert cli.main(["exercises", "check", str(out)]) == 1  # not attempted is not passed
+    assert cli.main(["exercises", "build", str(src), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out / '09_demo.ipynb'}: 1 exercise stubbed\n"
+    assert cli.main(["exercises", "check", str(out)]) == 1  # NOT ATTEMPTED is not PASSED
     text = capsys.readouterr().out
-    assert "09_demo.ipynb  9.1       NOT ATTEMPTED" in text
-    assert cli.main(["exercises", "check", "--allow-missing", str(out)]) == 0
-    [(run, results)] = exercises.check([str(out)])
-    assert run.ok and "later cells still run" in json.dumps(run.notebook.cells[2].outputs)
-    # the solution copy passes
-    assert cli.main(["exercises", "check", str(src)]) == 0
-    assert "9.1       PASSED" in capsys.readouterr().out
+    assert text.splitlines()[2].split() == ["09_demo.ipynb", "9.1", "NOT", "ATTEMPTED", "double", "a", "number"]
+    assert "0 passed, 0 failed, 1 not attempted; 0 notebooks failed to run" in text
 
 
-def test_check_reports_a_wrong_answer_with_the_hint(tmp_path):
-    wrong = EXERCISE.replace("return 2 * x", "return x + 2")
-    make_notebook(tmp_path / "w.ipynb", wrong, CHECKER)
-    [(run, [result])] = exercises.check([str(tmp_path)])
-    assert result.status == "FAILED" and "expected 42, got 23" in result.message
-    assert "multiply by two" in result.message
+def fake_run(name, status="passed", error=""):
+    return RunResult(Path(name), status, 1.0, error)
 
 
-def test_checker_line_format_is_what_check_parses(capsys):
-    from qlearn.check import exercise
+@pytest.mark.parametrize("results,allow_missing,code", [
+    ([("PASSED", "")], False, 0),
+    ([("PASSED", ""), ("NOT ATTEMPTED", "stub")], False, 1),
+    ([("PASSED", ""), ("NOT ATTEMPTED", "stub")], True, 0),
+    ([("FAILED", "expected 42, got 23 Hint: multiply by two")], True, 1),
+    ([], True, 1),  # no checker printed anything: nothing was checked
+])
+def test_exercises_check_exit_status(monkeypatch, capsys, results, allow_missing, code):
+    runs = [(fake_run("02_x.ipynb"), [ExerciseResult(s, f"2.{i}", "a title", m) for i, (s, m) in enumerate(results)])]
+    monkeypatch.setattr(exercises, "check", lambda dirs, timeout: runs)
+    assert cli.main(["exercises", "check", *(["--allow-missing"] * allow_missing), "learner"]) == code
+    out = capsys.readouterr().out
+    for i, (status, message) in enumerate(results):
+        assert f"02_x.ipynb  2.{i}       {status}" in out
+        if status == "FAILED":
+            assert f"FAILED 02_x.ipynb 2.{i} a title: {message}" in out
 
-    with exercise("1.2", "a title") as ex:
-        ex.close(1.0, 2.0, "x", hint="h")
-    line = capsys.readouterr().out.strip()
-    assert line.startswith(f"{PREFIX} FAILED 1.2 a title: x: expected 2, got 1")
+
+def test_exercises_check_fails_when_a_notebook_cannot_run(monkeypatch, capsys):
+    runs = [(fake_run("03_y.ipynb", "failed", "cell 4: KeyError: 'w'"), [ExerciseResult("PASSED", "3.1", "t")])]
+    monkeypatch.setattr(exercises, "check", lambda dirs, timeout: runs)
+    assert cli.main(["exercises", "check", "--allow-missing", "learner"]) == 1
+    out = capsys.readouterr().out
+    assert "03_y.ipynb  -         notebook failed  cell 4: KeyError: 'w'" in out
+    assert "1 passed, 0 failed, 0 not attempted; 1 notebook failed to run" in out
 
 
-def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "qlearn.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "doctor" in out.stdout and "exercises" in out.stdout
+def test_exercises_build_errors_are_reported_not_raised(tmp_path, capsys):
+    nb = write_notebook(tmp_path / "n.ipynb", EXERCISE)
+    assert cli.main(["exercises", "build", str(nb), "--out", str(tmp_path)]) == 1
+    assert "would overwrite the solutions" in capsys.readouterr().err
+
+
+def test_exercises_check_on_an_unreadable_notebook_fails(tmp_path, capsys):
+    (tmp_path / "plain.ipynb").write_text("{")
+    assert cli.main(["exercises", "check", str(tmp_path)]) == 1
+    assert "plain.ipynb  -         notebook invalid  cannot read" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_with_status_2(capsys):
+    for argv in ([], ["run", "--timeout", "soon"], ["exercises"], ["exercises", "check"]):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 2, argv
+    capsys.readouterr()
+
+
+def test_the_console_script_is_installed():
+    script = Path(sys.executable).parent / "qlearn"
+    out = subprocess.run([str(script), "--help"], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for command in ("doctor", "lab", "run", "exercises"):
+        assert command in out.stdout

@@ -1,0 +1,37 @@
+"""Shared helpers of the tests of qlearn's command line, runner and exercise tools."""
+
+import nbformat
+import pytest
+
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+def write_notebook(path, *cells):
+    """A notebook at `path` whose cells are the given sources: code, or markdown when a source starts
+    with "md:". Returns the path."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    nb.cells = [nbformat.v4.new_markdown_cell(c[3:]) if c.startswith("md:") else nbformat.v4.new_code_cell(c)
+                for c in cells]
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def make_notebook(tmp_path):
+    """make_notebook(name, *cells): write_notebook into the test's temporary folder."""
+    return lambda name, *cells: write_notebook(tmp_path / name, *cells)
+
+
+# A small exercise in the course's convention (see qlearn/exercises.py), its checker, and a wrong answer.
+EXERCISE_HEADING = "md:### Exercise 9.1: double a number\n\nWrite `double(x)`."
+EXERCISE = '''def double(x):
+    """Twice x."""
+    ### BEGIN SOLUTION
+    return 2 * x
+    ### END SOLUTION'''
+WRONG = EXERCISE.replace("return 2 * x", "return x + 2")
+CHECKER = '''from qlearn.check import exercise
+with exercise("9.1", "double a number") as ex:
+    ex.equal(double(21), 42, "double(21)", hint="multiply by two")'''
+LATER = "print('later cells still run')"
