@@ -18,8 +18,9 @@ Special values and out-of-range inputs (as torch 2.13's own casts do, checked in
                                 torch 2.13 saturates: every |x| > 448 and +-inf become +-448
                                 (older torch releases gave NaN); NaN stays NaN.
     fp4_e2m1 (OCP MX "FP4"): values +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}, no inf and no NaN encoding.
-                                Overflow and +-inf saturate to +-6 (the OCP MX conversion rule);
-                                NaN input is an error. torch has no cast to compare with.
+                                Overflow and +-inf saturate to +-6 (the saturating conversion MX
+                                implementations use, e.g. MLX's fp4_e2m1); NaN input is an error.
+                                torch 2.13 has the dtype (float4_e2m1fn_x2) but no cast to it.
     int8, int4                  two's complement integers; `info` and `values` only (an integer
                                 grid needs a scale: see qlearn.quant.quantize).
 Inputs are converted to float32 first (exact for fp16/bf16/fp8 input; for float64 input that is the
