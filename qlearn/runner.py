@@ -10,6 +10,7 @@ notebook that cannot be read, or that fails, is never overwritten.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,12 @@ def _error_cell(nb) -> tuple[int, str, str]:
     return -1, "", ""
 
 
+def _tail(log, lines: int = 5) -> str:
+    log.seek(0)
+    tail = [line for line in log.read().splitlines() if line.strip()][-lines:]
+    return ("; kernel log: " + " | ".join(tail)) if tail else ""
+
+
 def run_notebook(path: str | Path, *, timeout: int = 600, write: bool = False,
                  kernel_name: str = "python3") -> RunResult:
     """Execute the notebook at `path` in a fresh kernel (working directory: its folder).
@@ -93,18 +100,21 @@ def run_notebook(path: str | Path, *, timeout: int = 600, write: bool = False,
                             resources={"metadata": {"path": str(path.parent.resolve())}})
     start = time.perf_counter()
     status, error, cell, index = "passed", "", "", -1
-    try:
-        client.execute()
-    except CellExecutionError:
-        index, cell, error = _error_cell(nb)
-        status, error = "failed", f"cell {index}: {error}"
-    except CellTimeoutError as err:
-        status = "failed"
-        error = f"a cell ran longer than the timeout of {timeout} s: {str(err).splitlines()[0][:200]}"
-    except DeadKernelError as err:
-        status, error = "failed", f"the kernel died (out of memory?): {err}"
-    except Exception as err:  # noqa: BLE001 -- no such kernel, kernel failed to start, ...: a failed run, never a crash
-        status, error = "failed", f"could not run the notebook: {type(err).__name__}: {err}"
+    # The kernel process's own log (not the cells' output, which travels over ZeroMQ) goes to a file,
+    # so that the terminal shows only the table; its tail is reported when the kernel dies.
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as kernel_log:
+        try:
+            client.execute(stderr=kernel_log)
+        except CellExecutionError:
+            index, cell, error = _error_cell(nb)
+            status, error = "failed", f"cell {index}: {error}"
+        except CellTimeoutError as err:
+            status = "failed"
+            error = f"a cell ran longer than the timeout of {timeout} s: {str(err).splitlines()[0][:200]}"
+        except DeadKernelError as err:
+            status, error = "failed", f"the kernel died (out of memory?): {err}{_tail(kernel_log)}"
+        except Exception as err:  # noqa: BLE001 -- no such kernel, kernel failed to start, ...: a failed run, never a crash
+            status, error = "failed", f"could not run the notebook: {type(err).__name__}: {err}{_tail(kernel_log)}"
     seconds = time.perf_counter() - start
     if write and status == "passed":
         nbformat.write(nb, path)
