@@ -303,6 +303,8 @@ def test_errors_name_the_parameter():
         QATLinear(8, 4, group_size=3)
     with pytest.raises(ValueError, match="act_group_size must be None or a positive int"):
         QATLinear(8, 4, act_bits=8, act_group_size=5)
+    with pytest.raises(RuntimeError, match=r"call init_scale\(\)"):
+        QATLinear(8, 4, learn_scale=True, device="meta").quantized_weight()
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         QATLinear.from_linear(nn.Conv1d(2, 2, 1))
     with pytest.raises(ValueError, match="num_values must be a positive int"):

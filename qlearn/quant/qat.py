@@ -153,7 +153,7 @@ class QATLinear(nn.Linear):
     """y = fq_a(x) @ fq_w(W)^T + b: an nn.Linear with fake-quantized weights (and inputs if act_bits).
 
     Weights: `bits`, symmetric or not, one scale per output channel (axis=0, default), per tensor
-    (axis=None) or per group of `group_size` input features. The scale is recomputed by min-max at
+    (axis=None) or per group of `group_size` input features (group_size overrides axis). The scale is recomputed by min-max at
     every forward, unless learn_scale=True: then `weight_scale` is an nn.Parameter (LSQ), started at
     the min-max scale of the weight (so QAT starts where post-training quantization ends), with the
     zero point fixed there. Activations (act_bits not None): symmetric min-max, recomputed on each
@@ -170,8 +170,6 @@ class QATLinear(nn.Linear):
             qrange(act_bits, True)
         if axis not in (None, 0, -2):
             raise ValueError(f"axis must be 0 (per output channel) or None (per tensor), got {axis!r}")
-        if group_size is not None and axis is not None and axis != 0:
-            raise ValueError("give either axis or group_size")
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
                                        or group_size < 1 or in_features % group_size):
             raise ValueError(f"group_size must be a positive int dividing in_features ({in_features}), "
@@ -210,6 +208,9 @@ class QATLinear(nn.Linear):
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight the forward uses (differentiable)."""
+        if self.learn_scale and self.weight_scale is None:
+            raise RuntimeError("learn_scale=True but the scale is not initialised (the layer was built on the "
+                               "meta device): call init_scale() once the weight holds values")
         scale = self.weight_scale if self.learn_scale else None
         zero_point = self.weight_zero_point if self.learn_scale else None
         return fake_quantize(self.weight, self.bits, self.symmetric, self.axis, self.group_size, scale, zero_point)
