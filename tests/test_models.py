@@ -91,15 +91,24 @@ def test_missing_embedded_model_names_the_fix(tmp_path, monkeypatch):
         qlearn.load_model("tiny")
 
 
-def test_hub_id_offline_names_the_fix(monkeypatch):
+def offline(monkeypatch):
+    """Offline mode now: huggingface_hub reads HF_HUB_OFFLINE once, at import, so patch the constant
+    (else the test waits for network time-outs)."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_id_offline_names_the_fix(monkeypatch):
+    offline(monkeypatch)
     with pytest.raises(FileNotFoundError, match="name='tiny'"):
         qlearn.load_model("qlearn-course/no-such-model-for-tests")
 
 
 def test_qlearn_model_env_overrides_default_name(monkeypatch, tmp_path):
     monkeypatch.setenv("QLEARN_MODEL", str(tmp_path / "nowhere"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline(monkeypatch)
     with pytest.raises((FileNotFoundError, OSError)):
         qlearn.load_model()
 
