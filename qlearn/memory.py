@@ -6,8 +6,9 @@
         double_quant=True     4 + 8/B + 32/(256 B)              absmax in 8 bits, blocks of 256, one fp32
                                                                 scale per 256 blocks: 4.127 (QLoRA Sec. 3:
                                                                 0.373 bits saved per parameter)
-    int8 (LLM.int8)           8 + 32/row_length                 one fp32 scale per row (8 without row_length)
-    int2 .. int7 (RTN groups) b + 16/B (+ 16/B with zero_point)  fp16 scale (and zero point) per group
+    llm.int8 (bitsandbytes)   8 + 32/row_length                 one fp32 scale per row (8 without row_length)
+    int2 .. int8 (groups)     b + 16/B (+ 16/B with zero_point)  fp16 scale (and zero point) per group of B;
+                                                                blocksize=None: per row of row_length
     GGUF (llama.cpp)          8 * bytes_per_block / block_size  each layout below, as gguf.GGML_QUANT_SIZES:
         q8_0 8.5, q4_0 4.5, q4_1 5.0, q5_0 5.5, q5_1 6.0, q2_k 2.625, q3_k 3.4375, q4_k 4.5, q5_k 5.5,
         q6_k 6.5625, q8_k 9.125
@@ -115,8 +116,8 @@ def bits_per_param(fmt: str, blocksize: int | None = 64, double_quant: bool = Fa
                    row_length: int | None = None, zero_point: bool = False) -> float:
     """Storage bits per parameter of `fmt`, scales included (formulas in the module docstring).
 
-    `blocksize` is the block (group) size of nf4/fp4/int2..int7; None there means one scale per row of
-    `row_length` values. "int8" is LLM.int8 as bitsandbytes stores it (one fp32 scale per row).
+    `blocksize` is the block (group) size of nf4/fp4/int2..int8; None for intN means one scale per row
+    of `row_length` values. "llm.int8" is LLM.int8 as bitsandbytes stores it (one fp32 scale per row).
     """
     if not isinstance(fmt, str):
         raise TypeError(f"fmt must be a format name such as 'bf16', 'nf4' or 'q4_k', got {fmt!r}")
@@ -129,12 +130,12 @@ def bits_per_param(fmt: str, blocksize: int | None = 64, double_quant: bool = Fa
     if name in GGUF_LAYOUTS:
         block, nbytes, _ = GGUF_LAYOUTS[name]
         return 8 * nbytes / block
-    if name == "int8":  # 8-bit codes + one fp32 scale per row (overhead left out without row_length)
+    if name == "llm.int8":  # 8-bit codes + one fp32 scale per row (overhead left out without row_length)
         return 8.0 + (32 / row_length if row_length else 0.0)
-    is_int = name.startswith("int") and name[3:].isdigit() and 2 <= int(name[3:]) <= 7
+    is_int = name.startswith("int") and name[3:].isdigit() and 2 <= int(name[3:]) <= 8
     if name not in ("nf4", "fp4") and not is_int:
-        raise ValueError(f"fmt must be one of {sorted(FLOAT_BITS)}, 'nf4', 'fp4', 'int2'..'int8' or a GGUF "
-                         f"type {sorted(GGUF_LAYOUTS)}, got {fmt!r}")
+        raise ValueError(f"fmt must be one of {sorted(FLOAT_BITS)}, 'nf4', 'fp4', 'int2'..'int8', 'llm.int8' "
+                         f"or a GGUF type {sorted(GGUF_LAYOUTS)}, got {fmt!r}")
     if blocksize is None and is_int:  # one scale (and zero point) per row
         return int(name[3:]) + ((16 + 16 * zero_point) / row_length if row_length else 0.0)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
@@ -354,8 +355,8 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
     method            "full", "freeze" (the last `trainable_layers` blocks, default L // 4, the final
                       norm and the head), "lora", "qlora" (LoRA on all 7 linear layers of every block,
                       rank `lora_r`, default 16) or "inference"
-    weight_format     "bf16" (default), "fp16" or "fp32"; for "qlora" "nf4" (default), "fp4" or "int8";
-                      for "inference" also any format of bits_per_param. 4-bit formats use blocks of 64
+    weight_format     "bf16" (default), "fp16" or "fp32"; for "qlora" "nf4" (default), "fp4" or "int8"
+                      (bitsandbytes' LLM.int8); for "inference" also any format of bits_per_param. 4-bit formats use blocks of 64
                       and, unless double_quant=False, double quantization (QLoRA's recipe).
     optimizer         one of OPTIMIZERS; mixed_precision=True adds fp32 master weights (16-bit "full"
                       or "freeze" with "adamw")
@@ -374,7 +375,7 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
     if method in ("full", "freeze", "lora") and not float_fmt:
         raise ValueError(f"weight_format for method={method!r} must be 'bf16', 'fp16' or 'fp32' (a quantized "
                          f"base is method='qlora'), got {weight_format!r}")
-    if method == "qlora" and fmt not in ("nf4", "fp4", "int8"):
+    if method == "qlora" and fmt not in ("nf4", "fp4", "int8", "llm.int8"):
         raise ValueError(f"weight_format for method='qlora' must be 'nf4', 'fp4' or 'int8', "
                          f"got {weight_format!r}")
     if method in ("lora", "qlora"):
@@ -405,8 +406,9 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
     if float_fmt:
         weights = s.params * FLOAT_BITS[fmt] // 8
     else:
+        qfmt = "llm.int8" if fmt == "int8" else fmt  # bitsandbytes' 8-bit loading: an fp32 scale per row
         row = [(n_in * n_out, n_in) for _, n_in, n_out in s.linears()]
-        quant_bits = L * sum(n * bits_per_param(fmt, 64, double_quant, row_length=r) for n, r in row)
+        quant_bits = L * sum(n * bits_per_param(qfmt, 64, double_quant, row_length=r) for n, r in row)
         weights = math.ceil(quant_bits / 8) + (s.params - s.linear_params) * (4 if method == "qlora" else 2)
     weights += sum(n * b for n, b in lora)
 
