@@ -460,8 +460,8 @@ def peak_memory(fn, device=None) -> int:
     """Peak bytes torch allocates while `fn()` runs, above what was allocated when it started.
 
     CUDA: torch.cuda.max_memory_allocated (torch's caching allocator; the CUDA context and paged
-    optimizer states are not in it). CPU: every allocation and free the profiler records
-    (profile_memory=True), replayed in time order.
+    optimizer states are not in it; cuBLAS's per-thread workspaces are allocated before it starts).
+    CPU: every allocation and free the profiler records (profile_memory=True), replayed in time order.
     """
     import os
 
@@ -469,6 +469,14 @@ def peak_memory(fn, device=None) -> int:
 
     device = torch.device(device if device is not None else "cpu")
     if device.type == "cuda":
+        # cuBLAS takes its workspace (32 MiB per thread on an H100) from torch's pool the first time a
+        # thread multiplies matrices, and keeps it: the forward runs in this thread, the backward in
+        # autograd's device thread. Warm both first so the peak is fn's own (on a tiny model the backward
+        # thread's workspace alone was +33 MB, a third of the ledger).
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)
+            torch.nn.functional.linear(x, x, x[0]).sum().backward()
+        del x
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
