@@ -96,7 +96,10 @@ async function waitFor(what, predicate, deadline, intervalMs = 500) {
 // Step 4: what the notebook shows once it has run.
 function collectOutputs(widgetCells) {
   const cells = [...document.querySelectorAll(".jp-Notebook .jp-Cell")];
-  const text = (e) => (e.textContent || "").trim().slice(0, 600);
+  const text = (e) => {
+    const t = (e.textContent || "").trim();
+    return t.length <= 800 ? t : `${t.slice(0, 300)}\n...\n${t.slice(-500)}`; // a traceback ends with its error
+  };
   const errors = [];
   cells.forEach((cell, i) => {
     for (const e of cell.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')) {
@@ -191,7 +194,11 @@ async function runNotebook(browser, opts, nbPath) {
     const seen = await page.evaluate(collectOutputs, widgetCells);
     Object.assign(result, { cells: seen.cellsInDom, codeCells: seen.codeCells, notRun: seen.notRun,
       widgets: seen.widgets, allWidgetElements: seen.allWidgetElements, errors: seen.errors });
-    for (const e of seen.errors) result.problems.push(`cell ${e.cell}: error output: ${e.text.split("\n")[0].slice(0, 200)}`);
+    for (const e of seen.errors) {
+      const lines = e.text.split("\n").filter((l) => l.trim() && !/^-+$/.test(l.trim()));
+      const line = /Traceback/.test(e.text) ? lines[lines.length - 1] : lines[0]; // the error, or the first line
+      result.problems.push(`cell ${e.cell}: error output: ${(line || "").slice(0, 200)}`);
+    }
     for (const w of seen.widgets) if (!w.rendered) result.problems.push(`cell ${w.cell}: no widget rendered`);
     if (seen.notRun > 0) result.problems.push(`${seen.notRun} code cells did not run`);
 
