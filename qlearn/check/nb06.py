@@ -1,7 +1,7 @@
 """Checkers for notebook 06 (QLoRA).
 
-6.1 double_quant_bits(fn):     fn(code_bits, blocksize, absmax_bits, blocksize2, absmax2_bits) -> bits per parameter
-6.2 dequantize_block(fn):      fn(packed uint8 (32,), absmax, table) -> the block's 64 float32 values
+6.1 dequantize_block(fn):      fn(packed uint8 (32,), absmax, table) -> the block's 64 float32 values
+6.2 double_quant_bits(fn):     fn(code_bits, blocksize, absmax_bits, blocksize2, absmax2_bits) -> bits per parameter
 6.3 lora_params(fn):           fn(config, r, target_modules) -> number of trainable LoRA parameters
 """
 
@@ -15,13 +15,13 @@ __all__ = ["dequantize_block", "double_quant_bits", "lora_params"]
 
 
 def double_quant_bits(fn) -> CheckResult:
-    """Exercise 6.1: code bits + first-level scales per weight + second-level scales per weight."""
+    """Exercise 6.2: code bits + first-level scales per weight + second-level scales per weight."""
     cases = [  # (code_bits, blocksize, absmax_bits, blocksize2, absmax2_bits) -> exact answer
         ((4, 64, 8, 256, 32), 4 + 8 / 64 + 32 / (64 * 256)),     # QLoRA: 4.127
         ((4, 128, 8, 256, 32), 4 + 8 / 128 + 32 / (128 * 256)),  # larger blocks: 4.064
         ((3, 32, 8, 128, 16), 3 + 8 / 32 + 16 / (32 * 128)),     # 3.254
     ]
-    with exercise("6.1", "bits per parameter with double quantization") as ex:
+    with exercise("6.2", "bits per parameter with double quantization") as ex:
         for args, expected in cases:
             got = fn(*args)
             if abs(float(got) - (args[0] + args[2] / args[1] + args[4] / args[3])) < 1e-9:
@@ -47,11 +47,11 @@ def _block(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def dequantize_block(fn) -> CheckResult:
-    """Exercise 6.2: unpack two codes per byte (high nibble first), look them up, scale by absmax."""
+    """Exercise 6.1: unpack two codes per byte (high nibble first), look them up, scale by absmax."""
     from qlearn.quant.nf4 import codebook
 
     table = codebook()
-    with exercise("6.2", "dequantize one packed NF4 block") as ex:
+    with exercise("6.1", "dequantize one packed NF4 block") as ex:
         for seed in (0, 1):
             packed, absmax, expected = _block(seed)
             got = fn(packed.clone(), absmax.clone(), table.clone())
