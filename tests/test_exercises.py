@@ -122,3 +122,14 @@ def test_check_results_parses_every_status_line(capsys):
                    ("FAILED", "2.3", "round half to even", "x: expected 2, got 1 Hint: h"),
                    ("NOT ATTEMPTED", "2.3", "round half to even",
                     "the stub still raises NotImplementedError; the rest of the notebook runs on")]
+
+
+def test_a_learner_copy_of_a_course_notebook_runs_to_the_end_with_every_exercise_not_attempted(tmp_path):
+    # notebook 02: four exercises and ~20 s; later cells must not need the learner's answers
+    from qlearn.paths import notebooks_dir
+
+    source = notebooks_dir() / "02_linear_quantization.ipynb"
+    [(path, n)] = exercises.build([source], tmp_path / "learner")
+    [(run, results)] = exercises.check([str(path)])
+    assert run.ok, run.error
+    assert n == 4 and [(r.status, r.number) for r in results] == [("NOT ATTEMPTED", f"2.{k}") for k in range(1, 5)]
