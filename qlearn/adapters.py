@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BottleneckAdapter", "AdaptedMLP", "apply_adapters", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "AdaptedMLP", "BottleneckAdapter", "apply_adapters"]
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 

@@ -21,7 +21,7 @@ import torch
 # The course needs no hub kernels (and cannot download them offline), so the warning is silenced.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-__all__ = ["seed_everything", "get_device", "environment_report", "EnvironmentReport", "on_colab"]
+__all__ = ["EnvironmentReport", "environment_report", "get_device", "on_colab", "seed_everything"]
 
 _DEVICES = ("auto", "cpu", "cuda")
 

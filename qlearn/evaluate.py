@@ -21,7 +21,7 @@ import torch
 
 from .paths import data_dir
 
-__all__ = ["perplexity", "validation_text", "token_windows"]
+__all__ = ["perplexity", "token_windows", "validation_text"]
 
 
 def validation_text() -> str:

@@ -33,8 +33,15 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "apply_lora", "merge_lora", "lora_layers", "count_trainable",
-           "dequantized_weight", "is_quantized"]
+__all__ = [
+    "LoRALinear",
+    "apply_lora",
+    "count_trainable",
+    "dequantized_weight",
+    "is_quantized",
+    "lora_layers",
+    "merge_lora",
+]
 
 
 def is_quantized(layer: nn.Module) -> bool:

@@ -27,7 +27,7 @@ import torch
 from .env import get_device
 from .paths import data_dir
 
-__all__ = ["load_model", "QUANTIZATIONS", "bnb_config"]
+__all__ = ["QUANTIZATIONS", "bnb_config", "load_model"]
 
 QUANTIZATIONS = (None, "int8", "nf4", "fp4")
 

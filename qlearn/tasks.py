@@ -20,7 +20,7 @@ import torch
 
 from .paths import data_dir
 
-__all__ = ["TASKS", "Task", "load", "encode", "batches", "generate", "evaluate"]
+__all__ = ["TASKS", "Task", "batches", "encode", "evaluate", "generate", "load"]
 
 TASKS = ("to_dict", "to_kwargs")
 IGNORE = -100  # label of a position that carries no loss (PyTorch's cross_entropy ignore_index)

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["fit", "FitResult", "MIXED_PRECISION", "SCHEDULES", "resolve_autocast"]
+__all__ = ["MIXED_PRECISION", "SCHEDULES", "FitResult", "fit", "resolve_autocast"]
 
 MIXED_PRECISION = ("auto", "bf16", "no")
 SCHEDULES = ("constant", "linear")

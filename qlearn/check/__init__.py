@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CheckResult", "CheckFailed", "Exercise", "exercise", "PREFIX"]
+__all__ = ["PREFIX", "CheckFailed", "CheckResult", "Exercise", "exercise"]
 
 PREFIX = "[qlearn.check]"
 STATUSES = ("PASSED", "FAILED", "NOT ATTEMPTED")
