@@ -49,8 +49,8 @@ class CheckResult:
         text = f"{PREFIX} {self.status} {self.number} {self.title}"
         return f"{text}: {self.message}" if self.message else text
 
-    def _repr_pretty_(self, p, cycle):  # the printed line is the display; no second echo
-        p.text("")
+    def _ipython_display_(self) -> None:  # the printed line is the display: no empty `Out[n]:` after it
+        pass
 
 
 class CheckFailed(AssertionError):
