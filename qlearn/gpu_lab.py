@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["LLAMA_1B", "Measurement", "build_random_llama", "measure"]
+__all__ = ["LLAMA_1B", "Measurement", "attention_kernel", "build_random_llama", "label", "measure", "predicted"]
 
 # The shape of Llama 3.2 1B (hidden 2048, 16 layers, GQA 32/8 heads, MLP 8192, vocabulary 128256,
 # tied embeddings): 1.24B parameters, built with random weights (no download).
@@ -136,10 +136,22 @@ def label(row: dict) -> str:
     return f"{row['method']}{extra} b{row['batch_size']}"
 
 
+def attention_kernel(config, method: str) -> str:
+    """The SDPA kernel CUDA runs in training, as `qlearn.memory.estimate` names it.
+
+    "math" for QLoRA on a model with grouped-query attention: after prepare_model_for_kbit_training
+    q, k and v are fp32, flash attention takes only 16-bit inputs and the memory-efficient kernel does
+    not take enable_gqa, so PyTorch falls back to the math kernel. "fused" otherwise (bf16: flash).
+    """
+    gqa = (config.num_key_value_heads or config.num_attention_heads) < config.num_attention_heads
+    return "math" if method == "qlora" and gqa else "fused"
+
+
 def predicted(config, row: dict):
     """`qlearn.memory.estimate` for the configuration of a measurement (a `Measurement.as_dict()`)."""
     from .memory import estimate
 
     return estimate(config, row["method"], batch_size=row["batch_size"], seq_len=row["seq_len"],
                     optimizer="paged_adamw_8bit" if row["optimizer"].endswith("8bit") else "adamw",
-                    lora_r=row["lora_r"], grad_checkpointing=row["grad_checkpointing"])
+                    lora_r=row["lora_r"], grad_checkpointing=row["grad_checkpointing"],
+                    attention=attention_kernel(config, row["method"]))

@@ -64,7 +64,20 @@ Not counted: the CUDA context (~0.5 GB outside torch's allocator), allocator fra
 workspaces, temporaries inside one operation (e.g. bitsandbytes' dequantized 16-bit weight of one layer),
 the rotary cos/sin tables; with tied embeddings trained in full, the end of the backward pass briefly
 holds two more V x h gradients (the embedding's and its sum with the head's). On a GPU, attention
-is assumed fused (flash, cuDNN or memory-efficient SDPA: no seq x seq matrix is kept).
+is fused by default (attention="fused": flash, cuDNN or memory-efficient SDPA, no seq x seq matrix kept).
+    attention="math": PyTorch's math SDPA kernel, which CUDA falls back to when no fused kernel takes the
+                 inputs: fp32 q/k/v with grouped-query attention (flash needs 16-bit, memory-efficient
+                 does not take enable_gqa), as in QLoRA after prepare_model_for_kbit_training. It keeps
+                 the fp32 probabilities (4 n T per token and block, T = seq_len), and q and k scaled by
+                 sqrt(1/sqrt(d)) and v, all repeated to n heads (3 x 4 h_q), in place of the fused
+                 kernel's rotated q, k, v and logsumexp; the attention output is kept either way (o's
+                 input). So attention terms 4(n T + 4 h_q) instead of 4(2 h_q + 2 h_kv) + 4n. Read off
+                 the tensors autograd saves (saved_tensors_hooks) and checked on the CPU with the math
+                 backend forced (tests/test_memory.py): within 2% without checkpointing. With
+                 checkpointing the peak can move into the backward of one recomputed block, whose
+                 n x T x T gradients are not modeled (tiny shape on the CPU: +8% at T = 256, -15% at 512).
+                 Modeled for fp32 activations only: the math kernel upcasts 16-bit inputs, and on a GPU
+                 a fused kernel takes 16-bit ones.
 method="inference" (a prefill of batch x seq tokens with a KV cache) counts the weights, the KV cache
 (2 L h_kv a per token), a block's working set a(2h + 3m) per token and the last position's logits;
 a rough guide, not checked against a measurement.
@@ -80,6 +93,7 @@ from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 __all__ = [
+    "ATTENTION",
     "GGUF_LAYOUTS",
     "LLAMA_SHAPES",
     "METHODS",
@@ -108,6 +122,7 @@ GGUF_LAYOUTS = {
     "q8_k": (256, 292, "256 int8 codes + fp32 d (4) + 16 int16 block sums (32)"),
 }
 METHODS = ("full", "freeze", "lora", "qlora", "inference")
+ATTENTION = ("fused", "math")
 OPTIMIZERS = ("adamw", "adamw_32bit", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -321,11 +336,14 @@ def _check_int(name: str, value, low: int = 1, high: int | None = None) -> None:
         raise ValueError(f"{name} must be an int {span}, got {value!r}")
 
 
-def _block_bytes(s: Shape, a: int, lora_r: int | None) -> int:
+def _block_bytes(s: Shape, a: int, lora_r: int | None, seq_len: int, attention: str = "fused") -> int:
     """Bytes saved for the backward pass per token by one block (formulas in the module docstring)."""
     h, hq, hkv, m = s.hidden, s.q_width, s.kv_width, s.intermediate
-    # rotated q and the attention output, k and v, gate (SiLU input), SiLU output, up, logsumexp
-    attention_and_mlp = 2 * a * hq + 2 * a * hkv + 3 * a * m + 4 * s.heads
+    if attention == "fused":  # rotated q and the attention output, k and v, logsumexp
+        attn = 2 * a * hq + 2 * a * hkv + 4 * s.heads
+    else:  # math kernel: the output, probabilities, scaled q and k and v repeated to n heads
+        attn = a * hq + a * s.heads * seq_len + 3 * a * hq
+    attention_and_mlp = attn + 3 * a * m  # + gate (SiLU input), SiLU output, up
     if lora_r is None:  # trained norms (fp32 input + normalized) and linear layers (their inputs)
         return 2 * (4 * h + a * h) + 2 * a * h + a * m + attention_and_mlp
     adapter_inputs = 4 * (5 * h + hq + m) if a != 4 else a * (2 * h + m)  # fp32 casts, or shared tensors
@@ -348,7 +366,7 @@ def _optimizer_bytes(optimizer: str, tensors: list[tuple[int, int]], mixed_preci
 def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, optimizer: str = "adamw",
              weight_format: str | None = None, lora_r: int | None = None, grad_checkpointing: bool = False,
              mixed_precision: bool = False, double_quant: bool = True,
-             trainable_layers: int | None = None) -> Ledger:
+             trainable_layers: int | None = None, attention: str = "fused") -> Ledger:
     """The memory ledger of one training step (or a forward pass) of a Llama-shaped model.
 
     model_or_config   a name in LLAMA_SHAPES ("llama-7b", ..., "tiny"), a transformers config or a model
@@ -360,6 +378,8 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
                       and, unless double_quant=False, double quantization (QLoRA's recipe).
     optimizer         one of OPTIMIZERS; mixed_precision=True adds fp32 master weights (16-bit "full"
                       or "freeze" with "adamw")
+    attention         "fused" (default) or "math" (the SDPA kernel CUDA runs for fp32 + grouped-query
+                      attention; fp32 activations only: method "qlora" or weight_format "fp32")
     """
     s = shape_of(model_or_config)
     if method not in METHODS:
@@ -398,6 +418,12 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
     tokens = batch_size * seq_len
     h, L, V = s.hidden, s.layers, s.vocab
     a = 4 if fmt == "fp32" or method == "qlora" else 2  # bytes of an activation
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if attention == "math" and (a != 4 or method == "inference"):
+        raise ValueError("attention='math' is modeled for training with fp32 activations (method='qlora', "
+                         "or weight_format='fp32'); 16-bit activations get a fused kernel on a GPU: "
+                         "use attention='fused'")
     notes = []
 
     # Step 1: weights (4-bit/8-bit: block linear layers only, the rest 16-bit, or fp32 after QLoRA's prepare)
@@ -439,7 +465,7 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
     else:
         m = s.intermediate
         trained_blocks = trainable_layers if method == "freeze" else L
-        per_block = _block_bytes(s, a, lora_r)
+        per_block = _block_bytes(s, a, lora_r, seq_len, attention)
         head = 4 * h + (2 * a * h if method in ("full", "freeze") else 0)  # final norm (+ head input)
         # gradient buffers of the block being differentiated: 16-bit (or fp32) MLP- and model-width
         # gradients, and for LoRA the fp32 gradient of the adapters' MLP-width input

@@ -156,11 +156,15 @@ def test_lora_weights_gradients_optimizer_equal_what_torch_allocates(dtype, fmt)
     assert ledger.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _measured_peak(method: str, gc: bool = False, seq_len: int = 64) -> tuple[int, memory.Ledger]:
-    """Peak bytes of loading a saved bf16 model and running 2 AdamW steps, as gpu_lab.measure does."""
+def _measured_peak(method: str, gc: bool = False, seq_len: int = 64, attention: str = "fused"
+                   ) -> tuple[int, memory.Ledger]:
+    """Peak bytes of loading a saved bf16 model and running 2 AdamW steps, as gpu_lab.measure does;
+    attention="math" forces PyTorch's math SDPA kernel (what CUDA runs for fp32 + grouped-query attention)."""
+    import contextlib
     import tempfile
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(0)
@@ -191,11 +195,12 @@ def _measured_peak(method: str, gc: bool = False, seq_len: int = 64) -> tuple[in
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    with warnings.catch_warnings():
+    kernel = sdpa_kernel(SDPBackend.MATH) if attention == "math" else contextlib.nullcontext()
+    with warnings.catch_warnings(), kernel:
         warnings.simplefilter("ignore")
         peak = memory.peak_memory(run)
     ledger = memory.estimate(cfg, method, batch_size=2, seq_len=seq_len, grad_checkpointing=gc,
-                             lora_r=None if method == "full" else 8)
+                             lora_r=None if method == "full" else 8, attention=attention)
     return peak, ledger
 
 
@@ -207,6 +212,24 @@ def test_estimate_is_within_2_percent_of_the_measured_cpu_peak(method, gc):
     peak, ledger = _measured_peak(method, gc, seq_len=256 if gc else 64)
     # 2%: what the ledger leaves out (rotary tables, norms' tiny statistics, small buffers) is < 1% here
     assert abs(ledger.total / peak - 1) < 0.02, (ledger.total, peak)
+
+
+def test_math_attention_term_is_within_2_percent_of_the_measured_cpu_peak():
+    # QLoRA's fp32 q/k/v with grouped-query attention run on the math kernel on CUDA; forced here on the CPU.
+    # 256 tokens: the probabilities (4 n T bytes per token and block) are 40% of the peak. (With gradient
+    # checkpointing the peak moves into the backward of one recomputed block, whose n x T x T gradients the
+    # ledger does not model: measured +8% at 256 tokens, -15% at 512; the module docstring says so.)
+    peak, ledger = _measured_peak("qlora", False, seq_len=256, attention="math")
+    fused = memory.estimate(LlamaConfig(**SMALL), "qlora", batch_size=2, seq_len=256, lora_r=8)
+    assert ledger.total > fused.total
+    assert abs(ledger.total / peak - 1) < 0.02, (ledger.total, peak)
+
+
+def test_math_attention_is_refused_for_16_bit_activations():
+    with pytest.raises(ValueError, match="attention='math' is modeled for training with fp32"):
+        memory.estimate("llama-7b", "lora", batch_size=1, seq_len=512, attention="math")
+    with pytest.raises(ValueError, match=r"attention must be one of \('fused', 'math'\), got 'flash'"):
+        memory.estimate("llama-7b", "qlora", batch_size=1, seq_len=512, attention="flash")
 
 
 def test_peak_memory_sees_a_freed_transient():
@@ -323,3 +346,28 @@ def test_8_bit_loading_counts_an_fp32_scale_per_row():
     assert ledger.weights == shape.linear_params + 4 * rows + 2 * (shape.params - shape.linear_params)
     qlora8 = memory.estimate("tiny", "qlora", batch_size=1, seq_len=1, weight_format="int8")
     assert qlora8.weights > ledger.weights  # fp32 embeddings and head, and the LoRA weights
+
+
+# ---------------------------------------------------------------- the GPU record (benchmarks/gpu)
+
+def test_recorded_gpu_peaks_are_within_15_percent_of_the_ledger():
+    """The issue's target, on the H100 measurements in benchmarks/gpu/memory_ledger.json."""
+    import json
+
+    from qlearn import gpu_lab
+    from qlearn.paths import ROOT
+
+    record = json.loads((ROOT / "benchmarks" / "gpu" / "memory_ledger.json").read_text())
+    cfg = LlamaConfig(**gpu_lab.LLAMA_1B)
+    assert {r["method"] for r in record["rows"]} == {"full", "lora", "qlora"}
+    for row in record["rows"]:
+        ledger = gpu_lab.predicted(cfg, row)
+        assert abs(ledger.total / row["peak_bytes"] - 1) < 0.15, (gpu_lab.label(row), ledger.total, row["peak_bytes"])
+
+
+def test_qlora_with_grouped_query_attention_runs_the_math_kernel_on_cuda():
+    from qlearn import gpu_lab
+
+    gqa, mha = LlamaConfig(**gpu_lab.LLAMA_1B), LlamaConfig(**{**gpu_lab.LLAMA_1B, "num_key_value_heads": 32})
+    assert gpu_lab.attention_kernel(gqa, "qlora") == "math"
+    assert gpu_lab.attention_kernel(gqa, "lora") == gpu_lab.attention_kernel(mha, "qlora") == "fused"
