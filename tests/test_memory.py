@@ -216,7 +216,7 @@ def test_estimate_is_within_2_percent_of_the_measured_cpu_peak(method, gc):
 
 def test_math_attention_term_is_within_2_percent_of_the_measured_cpu_peak():
     # QLoRA's fp32 q/k/v with grouped-query attention run on the math kernel on CUDA; forced here on the CPU.
-    # 256 tokens: the probabilities (4 n T bytes per token and block) are 40% of the peak. (With gradient
+    # 256 tokens: the probabilities (4 n T bytes per token and block) are 18% of the ledger. (With gradient
     # checkpointing the peak moves into the backward of one recomputed block, whose n x T x T gradients the
     # ledger does not model: measured +8% at 256 tokens, -15% at 512; the module docstring says so.)
     peak, ledger = _measured_peak("qlora", False, seq_len=256, attention="math")
