@@ -57,7 +57,7 @@ def build_qlora_base(config, device: torch.device, seed: int = 0):
         model = LlamaForCausalLM(config)
     for layer in model.model.layers:
         for name in TARGETS:
-            parent = layer.self_attn if name.endswith("_proj") and name[0] in "qkvo" else layer.mlp
+            parent = layer.self_attn if name[0] in "qkvo" else layer.mlp  # q, k, v, o; else gate, up, down
             old = getattr(parent, name)
             new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False, compute_dtype=torch.bfloat16,
                                     compress_statistics=True, quant_type="nf4", device="meta")
