@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from qlearn import memory
+from qlearn import gpu_lab, memory
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -116,22 +116,8 @@ def main() -> None:
         torch.cuda.synchronize()
         weights_bytes = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    gen = torch.Generator(device=device).manual_seed(0)
-    times, losses = [], []
-    model.train()
-    for _ in range(args.steps):
-        x = torch.randint(0, config.vocab_size, (1, args.seq_len), device=device, generator=gen)
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        losses.append(loss.item())
+    times, losses = gpu_lab.train_steps(model, opt, steps=args.steps, batch_size=1, seq_len=args.seq_len,
+                                        device=device)
     assert all(torch.isfinite(torch.tensor(losses))), losses
     ledger = memory.estimate(args.shape, "qlora", batch_size=1, seq_len=args.seq_len, lora_r=args.lora_r,
                              grad_checkpointing=True, optimizer="paged_adamw_8bit")

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["LLAMA_1B", "Measurement", "attention_kernel", "build_random_llama", "label", "measure", "predicted"]
+__all__ = ["LLAMA_1B", "Measurement", "attention_kernel", "build_random_llama", "label", "measure", "predicted", "train_steps"]
 
 # The shape of Llama 3.2 1B (hidden 2048, 16 layers, GQA 32/8 heads, MLP 8192, vocabulary 128256,
 # tied embeddings): 1.24B parameters, built with random weights (no download).
@@ -107,26 +107,37 @@ def measure(model_dir, method: str, *, batch_size: int = 4, seq_len: int = 512, 
     opt = _optimizer(optimizer, trainable)
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated() - base
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    times = []
+    times, _ = train_steps(model, opt, steps=steps + 1, batch_size=batch_size, seq_len=seq_len, device="cuda")
+    peak = torch.cuda.max_memory_allocated() - base
+    result = Measurement(method, batch_size, seq_len, grad_checkpointing, optimizer,
+                         lora_r if method != "full" else None, params, sum(p.numel() for p in trainable),
+                         weights, peak, statistics.median(times[1:]))
+    del model, opt
+    torch.cuda.empty_cache()
+    return result
+
+
+def train_steps(model, opt, *, steps: int, batch_size: int, seq_len: int, device="cuda",
+                seed: int = 0) -> tuple[list[float], list[float]]:
+    """Run `steps` optimizer steps of causal-LM loss on random tokens; return each step's wall seconds
+    (on CUDA between synchronizations, so the kernels are counted) and its loss."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    times, losses = [], []
     model.train()
-    for _ in range(steps + 1):
-        x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device="cuda", generator=gen)
-        torch.cuda.synchronize()
+    for _ in range(steps):
+        x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device, generator=gen)
+        sync()
         t0 = time.perf_counter()
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() - base
-    result = Measurement(method, batch_size, seq_len, grad_checkpointing, optimizer,
-                         lora_r if method != "full" else None, params, sum(p.numel() for p in trainable),
-                         weights, peak, statistics.median(times[1:]))
-    del model, opt, loss
-    torch.cuda.empty_cache()
-    return result
+        losses.append(loss.item())
+    return times, losses
 
 
 def label(row: dict) -> str:

@@ -371,3 +371,14 @@ def test_qlora_with_grouped_query_attention_runs_the_math_kernel_on_cuda():
     gqa, mha = LlamaConfig(**gpu_lab.LLAMA_1B), LlamaConfig(**{**gpu_lab.LLAMA_1B, "num_key_value_heads": 32})
     assert gpu_lab.attention_kernel(gqa, "qlora") == "math"
     assert gpu_lab.attention_kernel(gqa, "lora") == gpu_lab.attention_kernel(mha, "qlora") == "fused"
+
+
+def test_train_steps_runs_and_times_each_step_on_the_cpu():
+    from qlearn import gpu_lab
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMALL))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    times, losses = gpu_lab.train_steps(model, opt, steps=3, batch_size=2, seq_len=16, device="cpu")
+    assert len(times) == len(losses) == 3 and all(t > 0 for t in times)
+    assert all(math.isfinite(v) for v in losses) and abs(losses[0] - math.log(SMALL["vocab_size"])) < 0.5
