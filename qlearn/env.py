@@ -20,6 +20,11 @@ import torch
 # CPU matmul and logs a warning when it is missing; it then uses its own kernel, which is correct.
 # The course needs no hub kernels (and cannot download them offline), so the warning is silenced.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# torchao (imported by transformers and peft when installed) logs "Failed to load ... .so" for its CUDA-only
+# extensions on a CPU, and registers enums with torch's pytree, which torch 2.13 answers with a deprecation
+# warning. Both are harmless; they would be stderr noise in every notebook (and fail nbval's comparison).
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 __all__ = ["EnvironmentReport", "environment_report", "get_device", "on_colab", "seed_everything"]
 

@@ -15,6 +15,20 @@ The 4-bit presets pass every setting explicitly, since BitsAndBytesConfig's defa
 (fp4, no double quantization, float32 compute): "nf4" is QLoRA's recipe (NF4 + double
 quantization + bf16 compute); "fp4" is the same with bitsandbytes' FP4 code book, so that the two
 differ only in the code book.
+
+A trap of bitsandbytes 0.50 on a CPU with AVX512-BF16 (most recent Intel/AMD server CPUs): the first
+time a Linear4bit runs in eval mode without gradients (generation, perplexity), it repacks its weight
+in place for a fast CPU kernel: a tiled layout, absmax rounded to bf16, double quantization undone
+(`bitsandbytes.nn.modules.Linear4bit.forward`). From then on
+  1. training passes no gradient through the layer to its input (the kernel has no autograd formula;
+     torch only warns "an autograd kernel was not registered"), so every LoRA layer below it trains
+     on a wrong gradient;
+  2. `bitsandbytes.functional.dequantize_4bit`, which PEFT's 4-bit merge and transformers'
+     `model.dequantize()` use, misreads the tiled layout and returns wrong weights;
+  3. outputs change a little (bf16 absmax).
+`load_model(..., quantization="nf4"|"fp4")` on a CPU calls `keep_standard_layout(model)` before it returns,
+which turns the repacking off (the path every other CPU and the GPU take); call it yourself after loading a
+4-bit model with `from_pretrained` directly. `is_repacked(layer)` tells whether it happened.
 """
 
 from __future__ import annotations
@@ -23,13 +37,47 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .env import get_device
 from .paths import data_dir
 
-__all__ = ["QUANTIZATIONS", "bnb_config", "load_model"]
+__all__ = ["QUANTIZATIONS", "bnb_config", "is_repacked", "keep_standard_layout", "load_model"]
 
 QUANTIZATIONS = (None, "int8", "nf4", "fp4")
+
+
+def _linear4bit_layers(model: nn.Module) -> dict[str, nn.Module]:
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def is_repacked(layer: nn.Module) -> bool:
+    """True if bitsandbytes' CPU inference path has repacked this Linear4bit's weight."""
+    state = getattr(layer.weight, "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def keep_standard_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking the model's 4-bit layers on a CPU; return how many layers.
+
+    Raises ValueError if the model has no Linear4bit layer, or if one is already repacked (its
+    gradient path and dequantization are broken: reload the model and call this first).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = _linear4bit_layers(model)
+    if not layers:
+        raise ValueError("the model has no bitsandbytes Linear4bit layer: load it with "
+                         "BitsAndBytesConfig(load_in_4bit=True, ...) first")
+    repacked = [n for n, m in layers.items() if is_repacked(m)]
+    if repacked:
+        raise ValueError(f"{len(repacked)} layers (e.g. {repacked[0]}) were already repacked by an eval-mode "
+                         "forward pass: reload the model and call keep_standard_layout before running it")
+    for layer in layers.values():
+        layer.support_avx512bf16_for_cpu = False  # the flag Linear4bit.forward checks before repacking
+    return len(layers)
 
 
 def bnb_config(quantization: str):
@@ -101,6 +149,8 @@ def load_model(name: str | None = None, *, quantization=None, device=None, dtype
             hf_logging.enable_progress_bar()
     if quantization is None:
         model.to(device)
+    elif device.type == "cpu" and _linear4bit_layers(model):
+        keep_standard_layout(model)  # before any forward pass (module docstring)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -9,10 +9,10 @@ import nbformat
 import pytest
 from conftest import CHECKER, EXERCISE, EXERCISE_HEADING, LATER, write_notebook
 
-from qlearn import cli, doctor, exercises
-from qlearn.exercises import ExerciseResult
+from qlearn.course import cli, doctor, exercises
+from qlearn.course.exercises import ExerciseResult
 from qlearn.paths import notebooks_dir
-from qlearn.runner import RunResult
+from qlearn.course.runner import RunResult
 
 CHECKS = ("python", "torch", "device", "bitsandbytes", "transformers", "peft", "accelerate", "model",
           "jupyterlab", "nbval")

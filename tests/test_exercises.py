@@ -1,4 +1,4 @@
-"""qlearn.exercises: learner copies with solutions stubbed, and checking them by running them."""
+"""qlearn.course.exercises: learner copies with solutions stubbed, and checking them by running them."""
 
 import json
 
@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from conftest import CHECKER, EXERCISE, EXERCISE_HEADING, LATER, WRONG, write_notebook
 
-from qlearn import exercises
+from qlearn.course import exercises
 from qlearn.check import PREFIX, exercise
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qlearn import exercises
-from qlearn.conventions import BRANCH, REPO, SETUP_CELL, badges
+from qlearn.course import exercises
+from qlearn.course.conventions import BRANCH, REPO, SETUP_CELL, badges
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -42,7 +42,7 @@ def test_notebook_opens_with_title_badges_and_the_setup_cell(path):
         assert heading in first.source, heading
     assert re.search(r"\*\*Time\*\*: about \d+ s on a laptop CPU / (?:about )?\d+ s on a GPU", first.source), \
         "the time line should read '**Time**: about N s on a laptop CPU / M s on a GPU' with measured numbers"
-    assert setup.cell_type == "code" and setup.source == SETUP_CELL, "the setup cell must be qlearn.conventions.SETUP_CELL"
+    assert setup.cell_type == "code" and setup.source == SETUP_CELL, "the setup cell must be qlearn.course.conventions.SETUP_CELL"
     assert nb.metadata.get("kernelspec") == KERNELSPEC
 
 

@@ -1,11 +1,11 @@
-"""qlearn.runner: headless execution of notebooks (small notebooks made in tmp_path)."""
+"""qlearn.course.runner: headless execution of notebooks (small notebooks made in tmp_path)."""
 
 import json
 
 import nbformat
 import pytest
 
-from qlearn.runner import find_notebooks, read_notebook, run_notebook
+from qlearn.course.runner import find_notebooks, read_notebook, run_notebook
 
 
 def test_a_good_notebook_passes_runs_in_its_folder_and_is_not_written(tmp_path, make_notebook):

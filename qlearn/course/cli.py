@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .paths import ROOT, notebooks_dir
+from ..paths import ROOT, notebooks_dir
 
 LAB_INSTALL = 'pip install -c constraints.txt -e ".[lab]"'
 CHECK_EPILOG = """exit status: 0 when every notebook ran and every exercise PASSED (with --allow-missing,

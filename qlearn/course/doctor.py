@@ -8,7 +8,7 @@ stays within half a quantization step (the most rounding to the nearest code can
     int8   |x - x̂| <= absmax_row / 127 / 2 (+ half an fp16 ulp: LLM.int8 takes fp16 input)
 and the embedded model (data/tiny) loads and gives finite logits.
 
-    from qlearn.doctor import run_checks, report
+    from qlearn.course.doctor import run_checks, report
     text, ok = report(run_checks())
 """
 
@@ -116,7 +116,7 @@ def _library(name: str, required: bool = True, fix: str = SETUP) -> Check:
 
 
 def _model() -> Check:
-    from .paths import data_dir
+    from ..paths import data_dir
 
     where = data_dir() / "tiny"
     if "QLEARN_DATA" in os.environ:
@@ -128,7 +128,7 @@ def _model() -> Check:
     try:
         import torch
 
-        from .models import load_model
+        from ..models import load_model
 
         model, tok = load_model("tiny", device="cpu")
         ids = tok("The list type", return_tensors="pt").input_ids

@@ -1,17 +1,4 @@
-"""Bits per parameter of the storage formats, and the memory ledger of training or running a Llama.
-
-`bits_per_param(fmt)`: storage cost per weight, scales included (b = bits of a code, B = block size):
-    fp32 32, fp16 / bf16 16, fp8 8
-    nf4, fp4 (bitsandbytes)   4 + 32/B                          fp32 absmax per block: 4.5 at B = 64
-        double_quant=True     4 + 8/B + 32/(256 B)              absmax in 8 bits, blocks of 256, one fp32
-                                                                scale per 256 blocks: 4.127 (QLoRA Sec. 3:
-                                                                0.373 bits saved per parameter)
-    llm.int8 (bitsandbytes)   8 + 32/row_length                 one fp32 scale per row (8 without row_length)
-    int2 .. int8 (groups)     b + 16/B (+ 16/B with zero_point)  fp16 scale (and zero point) per group of B;
-                                                                blocksize=None: per row of row_length
-    GGUF (llama.cpp)          8 * bytes_per_block / block_size  each layout below, as gguf.GGML_QUANT_SIZES:
-        q8_0 8.5, q4_0 4.5, q4_1 5.0, q5_0 5.5, q5_1 6.0, q2_k 2.625, q3_k 3.4375, q4_k 4.5, q5_k 5.5,
-        q6_k 6.5625, q8_k 9.125
+"""The memory ledger of training or running a Llama, term by term.
 
 `estimate(model_or_config, method, batch_size=..., seq_len=...) -> Ledger`: the bytes a training step
 (or, with method="inference", a forward pass) needs, term by term, for a Llama-shaped decoder
@@ -82,8 +69,6 @@ method="inference" (a prefill of batch x seq tokens with a KV cache) counts the 
 (2 L h_kv a per token), a block's working set a(2h + 3m) per token and the last position's logits;
 a rough guide, not checked against a measurement.
 
-Llama shapes (hidden, heads, layers) are the LLaMA paper's Table 2 (Touvron et al. 2023,
-arXiv:2302.13971); MLP widths and the 32000-token vocabulary are those of the released checkpoints.
 """
 
 from __future__ import annotations
@@ -92,160 +77,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-__all__ = [
-    "ATTENTION",
-    "GGUF_LAYOUTS",
-    "LLAMA_SHAPES",
-    "METHODS",
-    "OPTIMIZERS",
-    "Ledger",
-    "Shape",
-    "bits_per_param",
-    "estimate",
-    "peak_memory",
-    "shape_of",
-]
+from .bits import FLOAT_BITS, bits_per_param
+from .shapes import Shape, shape_of
 
-FLOAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8}
-# name: (values per block, bytes per block, layout); llama.cpp's ggml-common.h, checked against gguf's table
-GGUF_LAYOUTS = {
-    "q8_0": (32, 34, "32 int8 codes + fp16 scale"),
-    "q4_0": (32, 18, "32 4-bit codes (16 bytes) + fp16 scale"),
-    "q4_1": (32, 20, "32 4-bit codes + fp16 scale + fp16 minimum"),
-    "q5_0": (32, 22, "32 low nibbles (16) + 32 fifth bits (4) + fp16 scale"),
-    "q5_1": (32, 24, "as q5_0 + fp16 minimum"),
-    "q2_k": (256, 84, "2-bit codes (64) + 16 4-bit scale/min pairs (16) + fp16 d, dmin (4)"),
-    "q3_k": (256, 110, "low 2 bits (64) + high bits (32) + 16 6-bit scales (12) + fp16 d (2)"),
-    "q4_k": (256, 144, "4-bit codes (128) + 8 6-bit scales and mins (12) + fp16 d, dmin (4)"),
-    "q5_k": (256, 176, "low nibbles (128) + fifth bits (32) + scales and mins (12) + fp16 d, dmin (4)"),
-    "q6_k": (256, 210, "low nibbles (128) + high 2 bits (64) + 16 int8 scales (16) + fp16 d (2)"),
-    "q8_k": (256, 292, "256 int8 codes + fp32 d (4) + 16 int16 block sums (32)"),
-}
+__all__ = ["ATTENTION", "LORA_TARGETS", "METHODS", "OPTIMIZERS", "Ledger", "estimate"]
+
 METHODS = ("full", "freeze", "lora", "qlora", "inference")
 ATTENTION = ("fused", "math")
 OPTIMIZERS = ("adamw", "adamw_32bit", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def bits_per_param(fmt: str, blocksize: int | None = 64, double_quant: bool = False, *,
-                   row_length: int | None = None, zero_point: bool = False) -> float:
-    """Storage bits per parameter of `fmt`, scales included (formulas in the module docstring).
-
-    `blocksize` is the block (group) size of nf4/fp4/int2..int8; None for intN means one scale per row
-    of `row_length` values. "llm.int8" is LLM.int8 as bitsandbytes stores it (one fp32 scale per row).
-    """
-    if not isinstance(fmt, str):
-        raise TypeError(f"fmt must be a format name such as 'bf16', 'nf4' or 'q4_k', got {fmt!r}")
-    if row_length is not None and (isinstance(row_length, bool) or not isinstance(row_length, int)
-                                   or row_length < 1):
-        raise ValueError(f"row_length must be None or a positive int, got {row_length!r}")
-    name = fmt.lower()
-    if name in FLOAT_BITS:
-        return float(FLOAT_BITS[name])
-    if name in GGUF_LAYOUTS:
-        block, nbytes, _ = GGUF_LAYOUTS[name]
-        return 8 * nbytes / block
-    if name == "llm.int8":  # 8-bit codes + one fp32 scale per row (overhead left out without row_length)
-        return 8.0 + (32 / row_length if row_length else 0.0)
-    is_int = name.startswith("int") and name[3:].isdigit() and 2 <= int(name[3:]) <= 8
-    if name not in ("nf4", "fp4") and not is_int:
-        raise ValueError(f"fmt must be one of {sorted(FLOAT_BITS)}, 'nf4', 'fp4', 'int2'..'int8', 'llm.int8' "
-                         f"or a GGUF type {sorted(GGUF_LAYOUTS)}, got {fmt!r}")
-    if blocksize is None and is_int:  # one scale (and zero point) per row
-        return int(name[3:]) + ((16 + 16 * zero_point) / row_length if row_length else 0.0)
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    if is_int:  # an fp16 scale (and an fp16 zero point) per group of blocksize values
-        return int(name[3:]) + (16 + 16 * zero_point) / blocksize
-    if double_quant:  # 8-bit absmax per block, one fp32 scale per 256 blocks
-        return 4 + 8 / blocksize + 32 / (256 * blocksize)
-    return 4 + 32 / blocksize  # fp32 absmax per block
-
-
-# LLaMA paper Table 2: hidden size, heads, layers; the MLP width (SwiGLU, 2/3 x 4h rounded up to a multiple
-# of 256) and the vocabulary from the released configs. "tiny" is the course's embedded model (data/tiny).
-LLAMA_SHAPES = {
-    "llama-7b": {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "vocab": 32000},
-    "llama-13b": {"hidden": 5120, "intermediate": 13824, "layers": 40, "heads": 40, "vocab": 32000},
-    "llama-33b": {"hidden": 6656, "intermediate": 17920, "layers": 60, "heads": 52, "vocab": 32000},
-    "llama-65b": {"hidden": 8192, "intermediate": 22016, "layers": 80, "heads": 64, "vocab": 32000},
-    "tiny": {"hidden": 256, "intermediate": 768, "layers": 6, "heads": 4, "vocab": 8192},
-}
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The sizes of a Llama-style decoder that memory depends on."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    vocab: int
-    kv_heads: int | None = None  # None: as many as heads (no grouped-query attention)
-    head_dim: int | None = None  # None: hidden // heads
-    tied: bool = False  # the head shares the embedding matrix
-
-    def __post_init__(self):  # fill the defaults in, so that equal shapes compare equal
-        object.__setattr__(self, "kv_heads", self.kv_heads or self.heads)
-        object.__setattr__(self, "head_dim", self.head_dim or self.hidden // self.heads)
-
-    @property
-    def q_width(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def linears(self) -> list[tuple[str, int, int]]:
-        """(name, in_features, out_features) of the 7 linear layers of one block."""
-        h, m = self.hidden, self.intermediate
-        return [("q_proj", h, self.q_width), ("k_proj", h, self.kv_width), ("v_proj", h, self.kv_width),
-                ("o_proj", self.q_width, h), ("gate_proj", h, m), ("up_proj", h, m), ("down_proj", m, h)]
-
-    def block_tensors(self) -> list[int]:
-        """Sizes of one block's parameter tensors: 7 weights and 2 RMSNorm scales."""
-        return [i * o for _, i, o in self.linears()] + [self.hidden, self.hidden]
-
-    def tensors(self) -> list[int]:
-        """Sizes of every parameter tensor: embedding, L blocks, final norm, head (unless tied)."""
-        head = [] if self.tied else [self.vocab * self.hidden]
-        return [self.vocab * self.hidden] + self.block_tensors() * self.layers + [self.hidden] + head
-
-    @property
-    def params(self) -> int:
-        return sum(self.tensors())
-
-    @property
-    def linear_params(self) -> int:
-        """Parameters of the block linear layers (what 4-bit/8-bit loading quantizes)."""
-        return self.layers * sum(i * o for _, i, o in self.linears())
-
-
-def shape_of(model_or_config) -> Shape:
-    """A Shape from a known name (LLAMA_SHAPES), a transformers config, a model, or a Shape."""
-    if isinstance(model_or_config, Shape):
-        return model_or_config
-    if isinstance(model_or_config, str):
-        if model_or_config not in LLAMA_SHAPES:
-            raise ValueError(f"model_or_config must be one of {sorted(LLAMA_SHAPES)}, a transformers config "
-                             f"or a model, got {model_or_config!r}")
-        return Shape(**LLAMA_SHAPES[model_or_config])
-    cfg = getattr(model_or_config, "config", model_or_config)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    try:
-        shape = Shape(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
-                      layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, vocab=cfg.vocab_size,
-                      kv_heads=getattr(cfg, "num_key_value_heads", None),
-                      head_dim=getattr(cfg, "head_dim", None), tied=bool(getattr(cfg, "tie_word_embeddings", False)))
-    except AttributeError as err:
-        raise ValueError(f"model_or_config must be a known name, a Llama-style transformers config or a "
-                         f"model with one ({err})") from err
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        raise ValueError("model_or_config: linear layers with biases are not modelled "
-                         "(attention_bias/mlp_bias)")
-    return shape
 
 
 @dataclass
@@ -481,56 +321,3 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
     return Ledger(method, batch_size, seq_len, s.params, sum(n for n, _ in trained), weights, gradients,
                   optimizer_bytes, activations, logits, workspace, tuple(notes))
 
-
-def peak_memory(fn, device=None) -> int:
-    """Peak bytes torch allocates while `fn()` runs, above what was allocated when it started.
-
-    CUDA: torch.cuda.max_memory_allocated (torch's caching allocator; the CUDA context and paged
-    optimizer states are not in it; cuBLAS's per-thread workspaces are allocated before it starts).
-    CPU: every allocation and free the profiler records (profile_memory=True), replayed in time order.
-    """
-    import os
-
-    import torch
-
-    device = torch.device(device if device is not None else "cpu")
-    if device.type == "cuda":
-        # cuBLAS takes its workspace (32 MiB per thread on an H100) from torch's pool the first time a
-        # thread multiplies matrices, and keeps it: the forward runs in this thread, the backward in
-        # autograd's device thread. Warm both first so the peak is fn's own (on a tiny model the backward
-        # thread's workspace alone was +33 MB, a third of the ledger).
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)
-            torch.nn.functional.linear(x, x, x[0]).sum().backward()
-        del x
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - start
-    if device.type != "cpu":
-        raise ValueError(f"device must be a CPU or CUDA device, got {device}")
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    saved_stderr = os.dup(2)  # the profiler's C++ side prints start/stop lines with timestamps there
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                fn()
-    finally:
-        os.dup2(saved_stderr, 2)
-        os.close(saved_stderr)
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        if event.tag == _EventType.Allocation:  # alloc_size < 0 for a free
-            events.append((event.start_time_ns, event.extra_fields.alloc_size))
-        stack.extend(event.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .check import PREFIX, STATUSES
+from ..check import PREFIX, STATUSES
 from .runner import RunResult, find_notebooks, read_notebook, run_notebook
 
 __all__ = ["BEGIN", "END", "ExerciseResult", "build", "check", "check_results", "exercise_names",

@@ -1,4 +1,4 @@
-"""qlearn.qlora: bitsandbytes' CPU repacking trap (documented as measured) and keep_standard_layout."""
+"""qlearn.models: bitsandbytes' CPU repacking trap (documented as measured) and keep_standard_layout."""
 
 import logging
 import warnings
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlearn.qlora import is_repacked, keep_standard_layout
+from qlearn.models import is_repacked, keep_standard_layout
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU backend notes about optional kernels
 bnb = pytest.importorskip("bitsandbytes")

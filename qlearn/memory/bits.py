@@ -1,0 +1,77 @@
+"""Storage bits per parameter of a format name, scales included.
+
+`bits_per_param(fmt)`: storage cost per weight, scales included (b = bits of a code, B = block size):
+    fp32 32, fp16 / bf16 16, fp8 8
+    nf4, fp4 (bitsandbytes)   4 + 32/B                          fp32 absmax per block: 4.5 at B = 64
+        double_quant=True     4 + 8/B + 32/(256 B)              absmax in 8 bits, blocks of 256, one fp32
+                                                                scale per 256 blocks: 4.127 (QLoRA Sec. 3:
+                                                                0.373 bits saved per parameter)
+    llm.int8 (bitsandbytes)   8 + 32/row_length                 one fp32 scale per row (8 without row_length)
+    int2 .. int8 (groups)     b + 16/B (+ 16/B with zero_point)  fp16 scale (and zero point) per group of B;
+                                                                blocksize=None: per row of row_length
+    GGUF (llama.cpp)          8 * bytes_per_block / block_size  each layout below, as gguf.GGML_QUANT_SIZES:
+        q8_0 8.5, q4_0 4.5, q4_1 5.0, q5_0 5.5, q5_1 6.0, q2_k 2.625, q3_k 3.4375, q4_k 4.5, q5_k 5.5,
+        q6_k 6.5625, q8_k 9.125
+
+Every formula is `qlearn.quant.state.bits_per_param` (the one storage formula of the library)
+with the format's code bits, block size and scale bits.
+"""
+
+from __future__ import annotations
+
+from ..quant.state import bits_per_param as _formula
+
+__all__ = ["FLOAT_BITS", "GGUF_LAYOUTS", "bits_per_param"]
+
+FLOAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8}
+# name: (values per block, bytes per block, layout); llama.cpp's ggml-common.h, checked against gguf's table
+GGUF_LAYOUTS = {
+    "q8_0": (32, 34, "32 int8 codes + fp16 scale"),
+    "q4_0": (32, 18, "32 4-bit codes (16 bytes) + fp16 scale"),
+    "q4_1": (32, 20, "32 4-bit codes + fp16 scale + fp16 minimum"),
+    "q5_0": (32, 22, "32 low nibbles (16) + 32 fifth bits (4) + fp16 scale"),
+    "q5_1": (32, 24, "as q5_0 + fp16 minimum"),
+    "q2_k": (256, 84, "2-bit codes (64) + 16 4-bit scale/min pairs (16) + fp16 d, dmin (4)"),
+    "q3_k": (256, 110, "low 2 bits (64) + high bits (32) + 16 6-bit scales (12) + fp16 d (2)"),
+    "q4_k": (256, 144, "4-bit codes (128) + 8 6-bit scales and mins (12) + fp16 d, dmin (4)"),
+    "q5_k": (256, 176, "low nibbles (128) + fifth bits (32) + scales and mins (12) + fp16 d, dmin (4)"),
+    "q6_k": (256, 210, "low nibbles (128) + high 2 bits (64) + 16 int8 scales (16) + fp16 d (2)"),
+    "q8_k": (256, 292, "256 int8 codes + fp32 d (4) + 16 int16 block sums (32)"),
+}
+
+
+def bits_per_param(fmt: str, blocksize: int | None = 64, double_quant: bool = False, *,
+                   row_length: int | None = None, zero_point: bool = False) -> float:
+    """Storage bits per parameter of `fmt`, scales included (formulas in the module docstring).
+
+    `blocksize` is the block (group) size of nf4/fp4/int2..int8; None for intN means one scale per row
+    of `row_length` values. "llm.int8" is LLM.int8 as bitsandbytes stores it (one fp32 scale per row).
+    """
+    if not isinstance(fmt, str):
+        raise TypeError(f"fmt must be a format name such as 'bf16', 'nf4' or 'q4_k', got {fmt!r}")
+    if row_length is not None and (isinstance(row_length, bool) or not isinstance(row_length, int)
+                                   or row_length < 1):
+        raise ValueError(f"row_length must be None or a positive int, got {row_length!r}")
+    name = fmt.lower()
+    if name in FLOAT_BITS:
+        return float(FLOAT_BITS[name])
+    if name in GGUF_LAYOUTS:  # llama.cpp's own accounting: bytes per block (gguf.GGML_QUANT_SIZES)
+        block, nbytes, _ = GGUF_LAYOUTS[name]
+        return 8 * nbytes / block
+    if name == "llm.int8":  # 8-bit codes + one fp32 scale per row (overhead left out without row_length)
+        return _formula(8, row_length, scale_bits=32) if row_length else 8.0
+    is_int = name.startswith("int") and name[3:].isdigit() and 2 <= int(name[3:]) <= 8
+    if name not in ("nf4", "fp4") and not is_int:
+        raise ValueError(f"fmt must be one of {sorted(FLOAT_BITS)}, 'nf4', 'fp4', 'int2'..'int8', 'llm.int8' "
+                         f"or a GGUF type {sorted(GGUF_LAYOUTS)}, got {fmt!r}")
+    zero_bits = 16 if zero_point else 0
+    if blocksize is None and is_int:  # one scale (and zero point) per row
+        return _formula(int(name[3:]), row_length, scale_bits=16, zero_point_bits=zero_bits) if row_length \
+            else float(int(name[3:]))
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if is_int:  # an fp16 scale (and an fp16 zero point) per group of blocksize values
+        return _formula(int(name[3:]), blocksize, scale_bits=16, zero_point_bits=zero_bits)
+    if double_quant:  # 8-bit absmax per block, one fp32 scale per 256 blocks
+        return _formula(4, blocksize, scale_bits=8, nested_block_size=256, nested_scale_bits=32)
+    return _formula(4, blocksize, scale_bits=32)  # fp32 absmax per block
