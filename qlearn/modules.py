@@ -18,10 +18,30 @@ follow one return convention: they change the model in place and return `(model,
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["linear_layers", "matches", "normalize_names", "replace"]
+__all__ = ["Report", "count_trainable", "linear_layers", "matches", "normalize_names", "replace"]
+
+
+@dataclass
+class Report:
+    """What a model transform did: the layers it changed (qualified names, in order) and the parameters
+    that train afterwards. Transforms with more to say return a subclass (quantize_model's QuantReport)."""
+
+    action: str                                   # e.g. "apply_lora(r=8, alpha=16)"
+    layers: list[str] = field(default_factory=list)
+    trainable: int = 0                            # parameters with requires_grad=True in the whole model
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self.layers[:3]) + (", ..." if len(self.layers) > 3 else "")
+        return f"Report({self.action}: {len(self.layers)} layers [{shown}], trainable={self.trainable:,})"
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of parameters that require a gradient."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def normalize_names(names, what: str = "target_modules") -> tuple[str, ...]:
