@@ -11,32 +11,20 @@ The rule is PEFT's for a list of `target_modules`: a layer is chosen when its qu
 `linear_layers(model, targets=None, exclude=("lm_head",))` lists the nn.Linear layers a transform
 applies to (every one when targets is None) minus those `exclude` matches, with the same rule.
 `replace(model, name, module)` puts `module` where `name` was. apply_lora, apply_adapters,
-prepare_qat/convert, quantize_model, the QA-LoRA and outlier transforms all use these, and all
-follow one return convention: they change the model in place and return `(model, report)`.
+prepare_qat/convert, quantize_model, the QA-LoRA, SmoothQuant and rotation transforms all use these,
+and all follow one return convention, PyTorch's (`module.to`) and PEFT's (`get_peft_model`): they change
+the model in place and return it. What they did is read off the model afterwards:
+`count_trainable(model)`, `lora.lora_layers(model)`, and `model.quant_report` after `quantize_model`.
+Experiments that must not change a model use a copy or a context manager (`quant.model.quantized`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["Report", "count_trainable", "linear_layers", "matches", "normalize_names", "replace"]
-
-
-@dataclass
-class Report:
-    """What a model transform did: the layers it changed (qualified names, in order) and the parameters
-    that train afterwards. Transforms with more to say return a subclass (quantize_model's QuantReport)."""
-
-    action: str                                   # e.g. "apply_lora(r=8, alpha=16)"
-    layers: list[str] = field(default_factory=list)
-    trainable: int = 0                            # parameters with requires_grad=True in the whole model
-
-    def __repr__(self) -> str:
-        shown = ", ".join(self.layers[:3]) + (", ..." if len(self.layers) > 3 else "")
-        return f"Report({self.action}: {len(self.layers)} layers [{shown}], trainable={self.trainable:,})"
+__all__ = ["count_trainable", "linear_layers", "matches", "normalize_names", "replace"]
 
 
 def count_trainable(model: nn.Module) -> int:
