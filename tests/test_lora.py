@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from qlearn.lora import LoRALinear, apply_lora, count_trainable, lora_layers, merge_lora
+from qlearn.lora import LoRALinear, apply_lora, lora_layers, merge_lora
+from qlearn.modules import count_trainable
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -142,7 +143,8 @@ def test_merge_into_4bit_base_dequantizes():
 def test_gradients_reach_only_A_and_B_in_a_model():
     model = tiny_llama()
     total = sum(p.numel() for p in model.parameters())
-    model, n = apply_lora(model, ["q_proj", "v_proj"], r=2, alpha=4)
+    assert apply_lora(model, ["q_proj", "v_proj"], r=2, alpha=4) is model  # in place, returns the model
+    n = count_trainable(model)
     # q: 32 -> 32, v: 32 -> 16 (2 kv heads of 8): per block r(32+32) + r(32+16), 2 blocks
     assert n == 2 * (2 * 64 + 2 * 48)
     assert sum(p.numel() for p in model.parameters()) == total + n
@@ -157,6 +159,24 @@ def test_apply_lora_matches_by_name_suffix():
     model = tiny_llama()
     apply_lora(model, "o_proj", r=1)
     assert sorted(lora_layers(model)) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+
+
+def test_apply_lora_wraps_lm_head_only_when_named_and_never_a_wrapped_base():
+    model = apply_lora(tiny_llama(), ["lm_head", "self_attn.q_proj"], r=1)
+    assert sorted(lora_layers(model)) == ["lm_head", "model.layers.0.self_attn.q_proj",
+                                          "model.layers.1.self_attn.q_proj"]
+    apply_lora(model, ["q_proj", "base", "k_proj"], r=1)  # q_proj is a LoRALinear now: its .base stays as it is
+    assert not any(isinstance(m.base, LoRALinear) for m in lora_layers(model).values())
+    assert len(lora_layers(model)) == 5
+
+
+def test_apply_lora_passes_the_flags_to_every_layer():
+    model = apply_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.1, use_rslora=True, use_dora=True)
+    layers = lora_layers(model).values()
+    assert len(layers) == 4 and all(m.use_dora and m.use_rslora and m.scaling == 4.0 for m in layers)
+    assert all(isinstance(m.dropout, nn.Dropout) and m.dropout.p == 0.1 for m in layers)
+    # trainable: A, B and DoRA's magnitude (one per output feature): q 32 -> 32, v 32 -> 16, two blocks
+    assert count_trainable(model) == 2 * (4 * 64 + 32 + 4 * 48 + 16)
 
 
 def test_dropout_is_applied_in_training_only():
