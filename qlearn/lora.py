@@ -5,8 +5,8 @@ For a frozen weight W (out x in) and an input x (..., in):
     h = W x + b + s B A dropout(x)
     s = alpha / r                 (use_rslora=True: s = alpha / sqrt(r), rsLoRA, Kalajdzievski 2023)
 
-    init="default"  A (r x in) Kaiming-uniform (a = sqrt(5), PEFT's init_lora_weights=True), B (out x r) zeros,
-                    so the wrapped layer starts out exactly equal to the base layer
+    init="default"  A (r x in) Kaiming-uniform (a = sqrt(5), PEFT's init_lora_weights=True), B (out x r)
+                    zeros, so the wrapped layer starts out exactly equal to the base layer
 
 Only A and B train: r (in + out) parameters instead of in x out. rsLoRA keeps the update's size from
 shrinking as r grows (with alpha / r it falls like 1 / sqrt(r) for a fixed learning rate), so a rank sweep
@@ -67,7 +67,7 @@ __all__ = ["INITS", "LoRALinear", "apply_lora", "dequantized_weight", "is_quanti
            "lora_layers", "merge_lora", "pissa_init"]
 
 INITS = ("default", "pissa", "pissa_niter_<k>", "loftq")  # PEFT's init_lora_weights names qlearn implements
-_PEFT_ONLY = ("gaussian", "eva", "olora", "corda", "orthogonal", "mica", "lora_ga")  # PEFT has them, qlearn not
+_PEFT_ONLY = ("gaussian", "eva", "olora", "corda", "orthogonal", "mica", "lora_ga")  # PEFT's, not qlearn's
 _LOFTQ_GROUP = 64  # NF4 blocksize and RTN group size of LoftQ's quantizer
 
 
@@ -91,21 +91,26 @@ def dequantized_weight(base: nn.Module) -> torch.Tensor:
     return weight.data
 
 
-def _check_args(r, alpha, dropout, use_rslora, use_dora, init, loftq_bits, loftq_iter, alpha_name="alpha") -> None:
+def _check_args(r, alpha, dropout, use_rslora, use_dora, init, loftq_bits, loftq_iter,
+                alpha_name="alpha") -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+            or alpha <= 0:
         raise ValueError(f"{alpha_name} must be a finite number > 0, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     for name, flag in (("use_rslora", use_rslora), ("use_dora", use_dora)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
-    if not (isinstance(init, str) and (init in ("default", "pissa", "loftq") or re.fullmatch(r"pissa_niter_\d+", init))):
+    named = isinstance(init, str) and (init in ("default", "pissa", "loftq")
+                                       or re.fullmatch(r"pissa_niter_\d+", init) is not None)
+    if not named:
         known = f"; PEFT's {init!r} is not implemented in qlearn (use PEFT)" if init in _PEFT_ONLY else ""
         raise ValueError(f"init must be one of {INITS} (PEFT's init_lora_weights names), got {init!r}{known}")
     if isinstance(loftq_bits, bool) or not isinstance(loftq_bits, int) or not 2 <= loftq_bits <= 8:
-        raise ValueError(f"loftq_bits must be an int in 2..8 (4: NF4, else RTN integer groups), got {loftq_bits!r}")
+        raise ValueError(f"loftq_bits must be an int in 2..8 (4: NF4, else RTN integer groups), "
+                         f"got {loftq_bits!r}")
     if isinstance(loftq_iter, bool) or not isinstance(loftq_iter, int) or loftq_iter < 1:
         raise ValueError(f"loftq_iter must be a positive int, got {loftq_iter!r}")
 
@@ -114,7 +119,7 @@ def _check_args(r, alpha, dropout, use_rslora, use_dora, init, loftq_bits, loftq
 def pissa_init(w: torch.Tensor, r: int, scaling: float, niter: int | None = None):
     """(A, B, W_res) of PiSSA (module docstring): s B A = U_r S_r V_r^T and W_res = W - s B A, in float32.
 
-    niter=None: the exact SVD (init="pissa"); niter=k: torch.svd_lowrank with k iterations ("pissa_niter_k")."""
+    niter=None: the exact SVD (init="pissa"); niter=k: torch.svd_lowrank, k iterations ("pissa_niter_k")."""
     _check_args(r, scaling, 0.0, False, False, "pissa", 4, 1, "scaling")
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
         raise ValueError(f"niter must be None or an int >= 0, got {niter!r}")
@@ -134,7 +139,7 @@ def pissa_init(w: torch.Tensor, r: int, scaling: float, niter: int | None = None
 
 
 def _loftq_quantizer(bits: int):
-    """W -> dequantize(quantize(W)) in float32: NF4 blocks of 64 for 4 bits, else RTN asymmetric groups of 64."""
+    """W -> dequantize(quantize(W)), float32: NF4 blocks of 64 for 4 bits, else RTN asymmetric groups of 64"""
     from .quant import nf4, quantize
 
     if bits == 4:
@@ -167,7 +172,7 @@ def loftq_init(w: torch.Tensor, r: int, scaling: float = 1.0, bits: int = 4, ite
 
 
 class LoRALinear(nn.Module):
-    """`base(x) + s B A dropout(x)` around a frozen nn.Linear (or bitsandbytes layer); DoRA with use_dora=True."""
+    """`base(x) + s B A dropout(x)` around a frozen nn.Linear (or bitsandbytes layer); DoRA if use_dora."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False, use_dora: bool = False, init: str = "default", *,
@@ -195,7 +200,8 @@ class LoRALinear(nn.Module):
                 if init == "loftq":
                     q, A, B, _ = loftq_init(w, r, self.scaling, loftq_bits, loftq_iter)
                 else:
-                    A, B, q = pissa_init(w, r, self.scaling, None if init == "pissa" else int(init.split("_")[-1]))
+                    niter = None if init == "pissa" else int(init.split("_")[-1])
+                    A, B, q = pissa_init(w, r, self.scaling, niter)
                 self.A.copy_(A)
                 self.B.copy_(B)
                 w.copy_(q.to(w.dtype))  # the base becomes the residual (PiSSA) or the quantized Q (LoftQ)
@@ -236,7 +242,8 @@ class LoRALinear(nn.Module):
             return (result + lora * self.scaling).to(result.dtype)
         # DoRA (module docstring), PEFT's expression: n detached, base(x) reused when dropout is off
         w = dequantized_weight(self.base).to(x.dtype)
-        scale = self.magnitude / self.weight_norm(w, self.scaling * (self.B @ self.A).detach()).detach()  # (out,)
+        norm = self.weight_norm(w, self.scaling * (self.B @ self.A).detach()).detach()  # (out,)
+        scale = self.magnitude / norm
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base_out = result if self.base.bias is None else result - self.base.bias
         else:
@@ -245,14 +252,15 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W' in float32 (W dequantized first for a quantized base): W + s B A, or DoRA's m (W + s B A) / n."""
+        """W' in float32 (W dequantized first for a quantized base): W + s B A, or DoRA's m (W + s B A) / n"""
         w = dequantized_weight(self.base).float()
         if self.merged:
             return w
         delta = self.delta_weight().float()
         merged = w + delta
         if self.use_dora:
-            merged = (self.magnitude.float() / self.weight_norm(w, delta)).view(-1, 1) * merged  # (out, 1) * (out, in)
+            scale = self.magnitude.float() / self.weight_norm(w, delta)
+            merged = scale.view(-1, 1) * merged  # (out, 1) * (out, in)
         if not torch.isfinite(merged).all():
             raise ValueError("the merged weight holds NaN or inf: A, B or the magnitude is broken")
         return merged
@@ -315,8 +323,8 @@ class LoRALinear(nn.Module):
 def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                use_rslora: bool = False, use_dora: bool = False, init: str = "default", *,
                loftq_bits: int = 4, loftq_iter: int = 1) -> nn.Module:
-    """Freeze `model` and wrap every nn.Linear that `target_modules` names (qlearn.modules.matches, PEFT's rule)
-    in a LoRALinear with the given flags; in place, returns the model (count with modules.count_trainable).
+    """Freeze `model` and wrap every nn.Linear that `target_modules` names (qlearn.modules.matches, PEFT's
+    rule) in a LoRALinear with the given flags; in place, returns the model (modules.count_trainable counts).
 
     Layers are wrapped in `named_modules` order, as PEFT does; lm_head is wrapped only when named.
     """
@@ -326,7 +334,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16, 
                          f"['q_proj', 'v_proj'], got {target_modules!r}")
     _check_args(r, alpha, dropout, use_rslora, use_dora, init, loftq_bits, loftq_iter)
     chosen = {name: m for name, m in modules.linear_layers(model, targets, exclude=()).items()
-              if not isinstance(model.get_submodule(name.rpartition(".")[0]), LoRALinear)}  # not a wrapped base
+              if not isinstance(model.get_submodule(name.rpartition(".")[0]), LoRALinear)}  # not a .base
     if not chosen:
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"no nn.Linear matches target_modules={list(targets)}; the model's linear layers "
@@ -344,7 +352,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by its merged plain nn.Linear (`LoRALinear.merge`); in place, returns the model."""
+    """Replace every LoRALinear by its merged nn.Linear (`LoRALinear.merge`); in place, returns the model."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model holds no LoRALinear layer: call apply_lora first")

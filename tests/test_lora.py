@@ -165,13 +165,14 @@ def test_apply_lora_wraps_lm_head_only_when_named_and_never_a_wrapped_base():
     model = apply_lora(tiny_llama(), ["lm_head", "self_attn.q_proj"], r=1)
     assert sorted(lora_layers(model)) == ["lm_head", "model.layers.0.self_attn.q_proj",
                                           "model.layers.1.self_attn.q_proj"]
-    apply_lora(model, ["q_proj", "base", "k_proj"], r=1)  # q_proj is a LoRALinear now: its .base stays as it is
+    apply_lora(model, ["q_proj", "base", "k_proj"], r=1)  # q_proj is a LoRALinear now: its .base stays as is
     assert not any(isinstance(m.base, LoRALinear) for m in lora_layers(model).values())
     assert len(lora_layers(model)) == 5
 
 
 def test_apply_lora_passes_the_flags_to_every_layer():
-    model = apply_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.1, use_rslora=True, use_dora=True)
+    model = apply_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.1, use_rslora=True,
+                       use_dora=True)
     layers = lora_layers(model).values()
     assert len(layers) == 4 and all(m.use_dora and m.use_rslora and m.scaling == 4.0 for m in layers)
     assert all(isinstance(m.dropout, nn.Dropout) and m.dropout.p == 0.1 for m in layers)
