@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import modules
+
 __all__ = ["ACTIVATIONS", "AdaptedMLP", "BottleneckAdapter", "apply_adapters"]
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -68,20 +70,25 @@ class AdaptedMLP(nn.Module):
         return self.adapter(self.mlp(x))
 
 
-def apply_adapters(model: nn.Module, bottleneck: int = 64, activation: str = "gelu") -> tuple[nn.Module, int]:
-    """Freeze `model` and wrap the `mlp` of every block in an AdaptedMLP; return (model, trainable params).
+def apply_adapters(model: nn.Module, bottleneck: int = 64, activation: str = "gelu",
+                   target_modules=("mlp",)) -> nn.Module:
+    """Freeze `model` and wrap every module that `target_modules` names (qlearn.modules.matches, PEFT's rule:
+    a name or a name suffix; default each block's `mlp`) in an AdaptedMLP; in place, returns the model
+    (modules.count_trainable counts what trains: 2 d m + m + d per adapter).
 
-    Works on transformers' Llama-style models (blocks with an `mlp` child, `config.hidden_size`).
-    The model is changed in place.
+    Works on transformers' Llama-style models (`config.hidden_size` is the adapter's width d).
     """
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if not isinstance(hidden, int):
         raise ValueError("model must have config.hidden_size (a transformers model such as LlamaForCausalLM)")
-    blocks = [m for _, m in model.named_modules() if isinstance(getattr(m, "mlp", None), nn.Module)
-              and not isinstance(m, AdaptedMLP) and not isinstance(m.mlp, AdaptedMLP)]
-    if not blocks:
-        raise ValueError("found no block with an `mlp` to adapt (or the model is adapted already)")
+    targets = modules.normalize_names(target_modules)
+    chosen = [name for name, m in model.named_modules() if name and modules.matches(name, targets)
+              and not isinstance(m, AdaptedMLP)  # adapted already
+              and not isinstance(model.get_submodule(name.rpartition(".")[0]), AdaptedMLP)]  # its inner .mlp
+    if not chosen:
+        raise ValueError(f"found no module matching target_modules={list(targets)} to adapt "
+                         "(or the model is adapted already)")
     model.requires_grad_(False)
-    for block in blocks:
-        block.mlp = AdaptedMLP(block.mlp, hidden, bottleneck, activation)
-    return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for name in chosen:
+        modules.replace(model, name, AdaptedMLP(model.get_submodule(name), hidden, bottleneck, activation))
+    return model

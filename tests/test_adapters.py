@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from qlearn.adapters import AdaptedMLP, BottleneckAdapter, apply_adapters
+from qlearn.modules import count_trainable
 
 
 def tiny_llama(seed: int = 0):
@@ -36,15 +37,15 @@ def test_adapter_is_the_formula():
 def test_adapted_model_starts_equal_and_counts_parameters():
     model, ref = tiny_llama(), tiny_llama()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
-    model, n = apply_adapters(model, bottleneck=8)
-    assert n == 2 * (2 * 32 * 8 + 8 + 32)  # two blocks of 2 d m + m + d
+    assert apply_adapters(model, bottleneck=8) is model  # in place, returns the model
+    assert count_trainable(model) == 2 * (2 * 32 * 8 + 8 + 32)  # two blocks of 2 d m + m + d
     assert all(isinstance(layer.mlp, AdaptedMLP) for layer in model.model.layers)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
 def test_only_adapters_get_gradients_and_they_change_the_output():
-    model, _ = apply_adapters(tiny_llama(), bottleneck=4)
+    model = apply_adapters(tiny_llama(), bottleneck=4)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     model(ids, labels=ids).loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -71,9 +72,20 @@ def test_bad_arguments_raise(kwargs, match):
         BottleneckAdapter(**(dict(hidden_size=8) | kwargs))
 
 
+def test_target_modules_by_name_suffix():
+    model = apply_adapters(tiny_llama(), bottleneck=2, target_modules="layers.1.mlp")
+    assert not isinstance(model.model.layers[0].mlp, AdaptedMLP)
+    assert isinstance(model.model.layers[1].mlp, AdaptedMLP)
+    assert count_trainable(model) == 2 * 32 * 2 + 2 + 32
+
+
 def test_apply_adapters_errors():
     with pytest.raises(ValueError, match="config.hidden_size"):
         apply_adapters(nn.Linear(2, 2))
-    model, _ = apply_adapters(tiny_llama(), bottleneck=2)
+    model = apply_adapters(tiny_llama(), bottleneck=2)
     with pytest.raises(ValueError, match="adapted already"):
         apply_adapters(model, bottleneck=2)
+    with pytest.raises(ValueError, match=r"no module matching target_modules=\['ffn'\]"):
+        apply_adapters(tiny_llama(), target_modules=["ffn"])
+    with pytest.raises(TypeError, match="target_modules must be a layer name or a list"):
+        apply_adapters(tiny_llama(), target_modules=3)
