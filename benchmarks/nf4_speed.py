@@ -51,12 +51,12 @@ def main() -> None:
     ours = nf4.quantize_nf4(w, blocksize=64)
     packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
     theirs = F.dequantize_4bit(packed, state)
-    same = torch.equal(nf4.dequantize_nf4(ours.codes, ours.absmax, blocksize=64, dtype=w.dtype), theirs)
+    same = torch.equal(ours.dequantize(), theirs)
 
     rows = {
         "quantize": (timed(lambda: nf4.quantize_nf4(w, blocksize=64), device),
                      timed(lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4"), device)),
-        "dequantize": (timed(lambda: nf4.dequantize_nf4(ours.codes, ours.absmax, blocksize=64, dtype=w.dtype), device),
+        "dequantize": (timed(ours.dequantize, device),
                        timed(lambda: F.dequantize_4bit(packed, state), device)),
     }
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

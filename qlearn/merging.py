@@ -96,14 +96,12 @@ def requantize(w_hat: Tensor, delta: Tensor, blocksize: int = 64, quant_type: st
     if not torch.isfinite(delta).all():
         raise ValueError("delta contains NaN or inf: the adapter is broken")
     quantize = nf4.quantize_nf4 if quant_type == "nf4" else nf4.quantize_fp4
-    dequantize = nf4.dequantize_nf4 if quant_type == "nf4" else nf4.dequantize_fp4
     w_hat, delta = w_hat.float(), delta.float()
     # Step 1: the codes as stored (re-quantizing the dequantized weight reproduces them).
     before = quantize(w_hat, blocksize)
     # Step 2: merge in float, re-quantize with fresh block scales.
     after = quantize(w_hat + delta, blocksize)
-    return Requantization(before.codes, after.codes, dequantize(*before, blocksize), dequantize(*after, blocksize),
-                          delta)
+    return Requantization(before.codes, after.codes, before.dequantize(), after.dequantize(), delta)
 
 
 @dataclass

@@ -35,7 +35,8 @@ def codes_kept(w_hat, delta, blocksize=64):
 
 
 def codes_moved_old_absmax(w_hat, delta, blocksize=64):
-    codes, absmax = nf4.quantize_nf4(w_hat, blocksize)
+    state = nf4.quantize_nf4(w_hat, blocksize)
+    codes, absmax = state.codes, state.absmax
     scaled = ((w_hat + delta).reshape(-1, blocksize) / absmax.unsqueeze(1)).clamp(-1, 1)  # (blocks, blocksize)
     table = nf4.codebook()
     after = torch.bucketize(scaled, (table[:-1] + table[1:]) / 2).reshape(w_hat.shape)

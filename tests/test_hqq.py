@@ -18,8 +18,8 @@ def _weight_with_outliers(seed=0, rows=128, cols=256):
 @pytest.mark.parametrize("group_size", [None, 64])
 def test_hqq_beats_rtn_on_weight_error_with_outliers(bits, group_size):
     w = _weight_with_outliers()
-    e_rtn = w - rtn.quantize_rtn(w, bits, group_size)
-    e_hqq = w - hqq.hqq_quantize(w, bits, group_size)
+    e_rtn = w - rtn.quantize_rtn(w, bits, group_size).dequantize()
+    e_hqq = w - hqq.hqq_quantize(w, bits, group_size).dequantize()
     assert e_hqq.abs().mean() < e_rtn.abs().mean()  # the l1 error HQQ tracks
     assert e_hqq.norm() < e_rtn.norm()  # and the l2 error too
     if group_size:
@@ -28,9 +28,9 @@ def test_hqq_beats_rtn_on_weight_error_with_outliers(bits, group_size):
 
 def test_hqq_keeps_dtype_and_shape_and_needs_no_data():
     w = _weight_with_outliers(seed=1).to(torch.float16)
-    w_hat = hqq.hqq_quantize(w, 4, 64)
+    w_hat = hqq.hqq_quantize(w, 4, 64).dequantize()
     assert w_hat.dtype == torch.float16 and w_hat.shape == w.shape and torch.isfinite(w_hat).all()
-    assert torch.equal(w_hat, hqq.hqq_quantize(w, 4, 64)), "deterministic"
+    assert torch.equal(w_hat, hqq.hqq_quantize(w, 4, 64).dequantize()), "deterministic"
 
 
 def test_shrink_lp_is_soft_thresholding_at_p_1_and_never_grows():

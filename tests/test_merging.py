@@ -57,8 +57,8 @@ def _unpacked_codes(weight) -> torch.Tensor:
 def test_requantize_keeps_the_stored_codes_for_a_zero_update():
     torch.manual_seed(0)
     w = torch.randn(64, 256) * 0.02
-    codes, absmax = nf4.quantize_nf4(w)
-    w_hat = nf4.dequantize_nf4(codes, absmax)
+    stored = nf4.quantize_nf4(w)
+    codes, w_hat = stored.codes, stored.dequantize()
     r = requantize(w_hat, torch.zeros_like(w_hat))
     assert torch.equal(r.codes_before, codes)  # re-quantizing the dequantized weight gives its codes back
     assert torch.equal(r.codes_after, codes) and r.unchanged == 1.0 and r.max_change == 0.0
@@ -69,7 +69,7 @@ def test_requantize_keeps_the_stored_codes_for_a_zero_update():
 def test_requantize_rounds_a_small_update_away_and_keeps_a_large_one(quant_type):
     torch.manual_seed(0)
     w = torch.randn(64, 256) * 0.02
-    w_hat = getattr(nf4, f"dequantize_{quant_type}")(*getattr(nf4, f"quantize_{quant_type}")(w))
+    w_hat = getattr(nf4, f"quantize_{quant_type}")(w).dequantize()
     direction = torch.randn_like(w)
     small = requantize(w_hat, 1e-5 * direction, quant_type=quant_type)  # << one code step (~1e-3 here)
     large = requantize(w_hat, 1e-1 * direction, quant_type=quant_type)  # >> one code step

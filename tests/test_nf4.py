@@ -61,13 +61,14 @@ def test_fp4_codebook_is_bitsandbytes_fp4_not_ocp_e2m1():
 def test_4bit_matches_bitsandbytes_bit_for_bit(quant_type, shape, dtype):
     w = _weight(shape, dtype)
     quantize = nf4.quantize_nf4 if quant_type == "nf4" else nf4.quantize_fp4
-    dequantize = nf4.dequantize_nf4 if quant_type == "nf4" else nf4.dequantize_fp4
-    codes, absmax = quantize(w, blocksize=64)
+    ours = quantize(w, blocksize=64)
+    codes, absmax = ours.codes, ours.absmax
     packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type=quant_type)
     assert codes.dtype == torch.uint8 and codes.shape == w.shape and int(codes.max()) <= 15
     assert torch.equal(codes.reshape(-1), _bnb_codes(packed, w.numel()))
     assert absmax.dtype == torch.float32 and torch.equal(absmax, state.absmax)
-    w_hat = dequantize(codes, absmax, blocksize=64, dtype=w.dtype)
+    assert ours.quant_type == quant_type and ours.blocksize == 64 and ours.shape == w.shape
+    w_hat = ours.dequantize()  # in w's dtype, as bitsandbytes' QuantState keeps it
     theirs = bnbF.dequantize_4bit(packed, state)
     assert w_hat.dtype == w.dtype and w_hat.shape == w.shape
     # bitsandbytes' CPU kernel returns a 1-D input as (1, n): compare the values, not that quirk.
@@ -77,18 +78,19 @@ def test_4bit_matches_bitsandbytes_bit_for_bit(quant_type, shape, dtype):
 @pytest.mark.parametrize("blocksize", [32, 128, 4096])
 def test_nf4_matches_bitsandbytes_at_other_blocksizes(blocksize):
     w = _weight((64, 200), torch.float32, seed=1)
-    codes, absmax = nf4.quantize_nf4(w, blocksize=blocksize)
+    ours = nf4.quantize_nf4(w, blocksize=blocksize)
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
-    assert torch.equal(codes.reshape(-1), _bnb_codes(packed, w.numel()))
-    assert torch.equal(nf4.dequantize_nf4(codes, absmax, blocksize), bnbF.dequantize_4bit(packed, state))
+    assert torch.equal(ours.codes.reshape(-1), _bnb_codes(packed, w.numel()))
+    assert torch.equal(ours.dequantize(), bnbF.dequantize_4bit(packed, state))
+    assert ours.bits_per_param() == pytest.approx(4 + 32 * ours.absmax.numel() / w.numel())
 
 
 @pytest.mark.parametrize("table_fn", [nf4.codebook, nf4.fp4_codebook])
 def test_round_trip_error_is_at_most_half_the_largest_gap_times_absmax(table_fn):
     w = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
     table = table_fn()
-    codes, absmax = nf4.quantize_blockwise(w, table, blocksize=64)
-    w_hat = nf4.dequantize_blockwise(codes, absmax, table, blocksize=64)
+    state = nf4.quantize_blockwise(w, table, blocksize=64)
+    absmax, w_hat = state.absmax, state.dequantize()
     half_gap = (table.sort().values.diff().max() / 2).item()
     err = (w - w_hat).abs().reshape(-1)
     bound = torch.repeat_interleave(absmax, 64)[: w.numel()] * half_gap
@@ -100,9 +102,10 @@ def test_round_trip_error_is_at_most_half_the_largest_gap_times_absmax(table_fn)
 def test_all_zero_block_gives_zeros_not_nan():
     w = torch.zeros(3, 64)
     w[1] = torch.linspace(-1, 1, 64)
-    codes, absmax = nf4.quantize_nf4(w)
+    state = nf4.quantize_nf4(w)
+    codes, absmax = state.codes, state.absmax
     assert absmax.tolist()[0] == 0.0 and absmax.tolist()[2] == 0.0
-    w_hat = nf4.dequantize_nf4(codes, absmax)
+    w_hat = state.dequantize()
     assert torch.equal(w_hat[0], torch.zeros(64)) and torch.isfinite(w_hat).all()
     assert int(codes[0, 0]) == 7, "NF4's exact zero is code 7"
 
@@ -137,7 +140,7 @@ def test_double_quantize_matches_bitsandbytes_compress_statistics(n_blocks):
     target = (absmax - ours.offset) / scale
     assert torch.all((table[ours.codes.long()] - target).abs() <= (table[state.absmax.long()] - target).abs() + 1e-7)
     # Rebuilt scales: equal where the codes agree, within one code step (<= 0.03 of absmax2) elsewhere.
-    ours_absmax = nf4.dequantize_absmax(ours.codes, ours.absmax, ours.offset)
+    ours_absmax = ours.dequantize()
     theirs = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
     assert torch.equal(ours_absmax[~differ], theirs[~differ])
     assert torch.all((ours_absmax - theirs).abs() <= 0.03 * scale)
@@ -146,7 +149,7 @@ def test_double_quantize_matches_bitsandbytes_compress_statistics(n_blocks):
 def test_double_quantize_error_is_small_and_bounded():
     _, absmax = _nested_absmax(3072, seed=3)
     dq = nf4.double_quantize(absmax)
-    rebuilt = nf4.dequantize_absmax(dq.codes, dq.absmax, dq.offset)
+    rebuilt = dq.dequantize()
     assert rebuilt.shape == absmax.shape and rebuilt.dtype == torch.float32
     half_gap = nf4.dynamic_codebook().diff().max().item() / 2
     bound = torch.repeat_interleave(dq.absmax, 256) * half_gap
@@ -156,13 +159,19 @@ def test_double_quantize_error_is_small_and_bounded():
 
 def test_double_quantization_costs_4_127_bits_per_parameter():
     n = 256 * 1024
-    codes, absmax = nf4.quantize_nf4(torch.randn(n))
-    dq = nf4.double_quantize(absmax)
+    w = torch.randn(n)
+    plain_state, double_state = nf4.quantize_nf4(w), nf4.quantize_nf4(w, double_quant=True)
+    codes, absmax, dq = plain_state.codes, plain_state.absmax, double_state.nested
     plain = (4 * codes.numel() + 32 * absmax.numel()) / n
     double = (4 * codes.numel() + 8 * dq.codes.numel() + 32 * dq.absmax.numel() + 32) / n
-    assert plain == 4.5
+    assert plain == 4.5 == plain_state.bits_per_param()
+    assert double == double_state.bits_per_param()  # the state counts what is stored, as written out here
     # 2e-4: the paper's 4.127 leaves out the one float32 offset per tensor (32 / n bits).
     assert double == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=2e-4) and round(double, 3) == 4.127
+    # the double-quantized state dequantizes with the rebuilt scales, within 1% of the plain one's error
+    err_plain = (plain_state.dequantize() - w).abs().mean()
+    err_double = (double_state.dequantize() - w).abs().mean()
+    assert err_plain <= err_double < 1.01 * err_plain
 
 
 @pytest.mark.parametrize(("bad", "error", "match"), [
@@ -182,14 +191,26 @@ def test_quantize_rejects_bad_blocksize(blocksize):
         nf4.quantize_nf4(torch.randn(64), blocksize=blocksize)
 
 
-def test_dequantize_rejects_mismatched_state():
-    codes, absmax = nf4.quantize_nf4(torch.randn(256))
+def test_a_state_rejects_mismatched_parts():
+    from dataclasses import replace
+
+    state = nf4.quantize_nf4(torch.randn(256))
     with pytest.raises(ValueError, match="absmax has 4 values but 256 codes in blocks of 32 need 8"):
-        nf4.dequantize_nf4(codes, absmax, blocksize=32)
+        replace(state, blocksize=32)
     with pytest.raises(TypeError, match="codes must be a uint8"):
-        nf4.dequantize_nf4(codes.long(), absmax)
+        replace(state, codes=state.codes.long())
     with pytest.raises(ValueError, match="codes must be < 16"):
-        nf4.dequantize_nf4(codes + 16, absmax)
+        replace(state, codes=state.codes + 16)
+    with pytest.raises(ValueError, match="absmax has 4 values but 256 codes in blocks of 32 need 8"):
+        nf4.dequantize_blockwise(state.codes, state.absmax, nf4.codebook(), 32)  # the functional form too
+
+
+def test_state_repr_names_bits_blocks_and_type():
+    state = nf4.quantize_nf4(torch.randn(4, 64), double_quant=True)
+    text = repr(state)
+    assert "bits=4" in text and "blockwise(64) + double quant" in text and "'nf4'" in text and "(4, 64)" in text
+    with pytest.raises(TypeError, match="double_quant must be True or False"):
+        nf4.quantize_nf4(torch.randn(64), double_quant="yes")
 
 
 def test_double_quantize_rejects_2d_absmax():

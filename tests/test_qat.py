@@ -189,14 +189,18 @@ def test_activation_fake_quantization():
     torch.testing.assert_close(per_token(x), expected, rtol=0, atol=0)
 
 
-def test_prepare_qat_replaces_linears_and_skips_by_name():
+def test_prepare_qat_replaces_linears_and_excludes_by_name():
     model = nn.ModuleDict({"body": _mlp(), "lm_head": nn.Linear(10, 4)})
     out = prepare_qat(model, 4)
     assert out is model
     assert [type(m).__name__ for m in model["body"]] == ["QATLinear", "ReLU", "QATLinear", "ReLU", "QATLinear"]
     assert type(model["lm_head"]) is nn.Linear
-    prepare_qat(model, 4, skip=())  # a second call wraps only what is still a plain nn.Linear
+    prepare_qat(model, 4, exclude=())  # a second call wraps only what is still a plain nn.Linear
     assert type(model["lm_head"]) is QATLinear and type(model["body"][0]) is QATLinear
+    # the rule is qlearn.modules' (PEFT's): a whole name or a name suffix, not any part of a name
+    nested = nn.ModuleDict({"lm_head": nn.ModuleDict({"proj": nn.Linear(4, 4)}), "head": nn.Linear(4, 4)})
+    prepare_qat(nested, 4, exclude=("lm_head.proj",))
+    assert type(nested["lm_head"]["proj"]) is nn.Linear and type(nested["head"]) is QATLinear
 
 
 @pytest.mark.parametrize("kw", [{}, {"group_size": 8, "symmetric": False}, {"learn_scale": True}])
@@ -210,7 +214,8 @@ def test_convert_gives_the_qat_outputs_and_grid_weights(kw):
     x = torch.randn(7, 16)
     with torch.no_grad():
         expected = model(x)
-    model, qts = convert(model, return_qtensors=True)
+    assert convert(model) is model
+    qts = model.quant_report.states
     assert all(type(m) is nn.Linear for m in model if not isinstance(m, nn.ReLU))
     assert torch.equal(model(x).detach(), expected)  # same weights bit for bit, same ops
     assert set(qts) == {"0", "2", "4"} and all(isinstance(q, QTensor) for q in qts.values())
@@ -265,6 +270,40 @@ def test_qat_recovers_accuracy_that_ptq_loses(one_thread):
     assert fp < lq < lp and (lp - lq) > 0.5 * (lp - fp), (fp, lp, lq)
 
 
+@pytest.mark.parametrize("zero_point", [3, 5, 7])
+def test_convert_equals_the_qat_forward_at_exact_ties_with_odd_zero_points(zero_point):
+    # The issue's case: a 1x4 weight, 4 bits, asymmetric, per channel: scale 0.125 and zero point 3, with
+    # 0.0625 and 0.3125 exactly half-way between two grid points. The QAT forward rounds round(x/s) + z
+    # (torch.fake_quantize's rule), which convert must follow: [-0.375, 0.0, 0.25, 1.5], not
+    # [-0.375, 0.125, 0.375, 1.5] (round(x/s + z), torch.quantize_per_tensor's).
+    scale = 0.125
+    z = zero_point
+    lo, hi = -z * scale, (15 - z) * scale  # a row whose min-max grid has exactly this scale and zero point
+    row = torch.tensor([[lo, lo + 3.5 * scale, lo + 5.5 * scale, hi]])
+    layer = nn.Sequential(nn.Linear(4, 1, bias=False))
+    layer[0].weight.data = row.clone()
+    prepare_qat(layer, bits=4, symmetric=False, axis=0, exclude=())
+    x = torch.eye(4)
+    with torch.no_grad():
+        qat_out = layer(x)
+    convert(layer)
+    state = layer.quant_report.states["0"]
+    assert state.zero_point.item() == z and state.scale.item() == scale
+    with torch.no_grad():
+        assert torch.equal(layer(x), qat_out)
+    torch_fq = torch.fake_quantize_per_channel_affine(row, torch.tensor([scale]), torch.tensor([z], dtype=torch.int32),
+                                                      0, 0, 15)
+    assert torch.equal(layer[0].weight, torch_fq)
+
+
+def test_convert_of_the_issues_weight_gives_the_qat_values():
+    layer = nn.Sequential(nn.Linear(4, 1, bias=False))
+    layer[0].weight.data = torch.tensor([[-0.375, 0.0625, 0.3125, 1.5]])
+    prepare_qat(layer, bits=4, symmetric=False, axis=0, exclude=())
+    convert(layer)
+    assert layer[0].weight.tolist() == [[-0.375, 0.0, 0.25, 1.5]]
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 def test_errors_name_the_parameter():
@@ -311,8 +350,8 @@ def test_errors_name_the_parameter():
         lsq_grad_scale(0, 4)
     with pytest.raises(ValueError, match="model has no nn.Linear layer"):
         prepare_qat(nn.Sequential(nn.ReLU()), 4)
-    with pytest.raises(TypeError, match="skip must be a collection of names"):
-        prepare_qat(_mlp(), 4, skip="lm_head")
+    with pytest.raises(TypeError, match="exclude must be a collection of names"):
+        prepare_qat(_mlp(), 4, exclude="lm_head")
     with pytest.raises(TypeError, match=r"use QATLinear.from_linear\(linear, bits\)"):
         prepare_qat(nn.Linear(4, 4), 4)
     with pytest.raises(TypeError, match="model must be an nn.Module"):

@@ -1,5 +1,7 @@
 """qlearn.quant.linear: the grid, its round trip, granularities, torch agreement, clipping, errors."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -205,8 +207,8 @@ def test_repr_and_bits_per_param():
     qt = quantize(torch.randn(8, 64), 4, symmetric=False, group_size=32)
     assert "bits=4" in repr(qt) and "per-group(32)" in repr(qt) and isinstance(qt, QTensor)
     assert qt.bits_per_param() == 4 + 32 / 32  # fp16 scale + fp16 zero point per 32 values
-    assert qt.bits_per_param(zero_point_bits=4) == 4 + 20 / 32  # GPTQ-style packed zero points
-    assert qt.nbytes_packed() == (8 * 64 * 4 + 16 * 32) // 8
+    assert replace(qt, zero_point_bits=4).bits_per_param() == 4 + 20 / 32  # GPTQ-style packed zero points
+    assert qt.nbytes() == (8 * 64 * 4 + 16 * 32) // 8
     sym = quantize(torch.randn(8, 256), 4, group_size=128)
     assert sym.bits_per_param() == 4.125 and sym.storage_bits() == 8 * 256 * 4 + 16 * 16
 
@@ -244,3 +246,20 @@ def test_bad_inputs_are_named():
         quantize(torch.zeros(0))
     with pytest.raises(ValueError, match=r"group_size must be .*\(None\)"):
         quantize(torch.tensor(1.0), group_size=1)
+
+
+def test_the_two_rounding_rules_differ_at_exact_ties_with_odd_zero_points():
+    # scale 0.125, zero point 3 (odd): x / scale = 0.5 is an exact tie
+    x, scale, zero = torch.tensor([0.0625, -0.1875, 0.3125]), torch.tensor(0.125), torch.tensor(3.0)
+    first = quantize_codes(x, scale, zero, 4, symmetric=False)  # round(x/s + z): torch.quantize_per_tensor
+    after = quantize_codes(x, scale, zero, 4, symmetric=False, rounding="zero_point_after")  # round(x/s) + z
+    assert first.tolist() == [4, 2, 6] and after.tolist() == [3, 1, 5]
+    torch_q = torch.quantize_per_tensor(x, 0.125, 3, torch.quint8).int_repr()
+    torch_fq = torch.fake_quantize_per_tensor_affine(x, 0.125, 3, 0, 15)
+    assert torch.equal(first, torch_q)  # each rule bit for bit with its torch twin
+    assert torch.equal(dequantize_codes(after, scale, zero), torch_fq)
+    # an even zero point: half-to-even lands on the same code either way
+    assert torch.equal(quantize_codes(x, scale, torch.tensor(2.0), 4, symmetric=False),
+                       quantize_codes(x, scale, torch.tensor(2.0), 4, symmetric=False, rounding="zero_point_after"))
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        quantize_codes(x, scale, zero, 4, rounding="nearest")

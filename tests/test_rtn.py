@@ -15,10 +15,10 @@ def _w(rows=16, cols=128, seed=0):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_round_trip_error_is_at_most_half_a_step(bits, group_size, symmetric):
     w = _w()
-    w_hat = rtn.quantize_rtn(w, bits, group_size, symmetric=symmetric)
+    w_hat = rtn.quantize_rtn(w, bits, group_size, symmetric=symmetric).dequantize()
     g = group_size or w.shape[1]
     groups, groups_hat = w.reshape(-1, g), w_hat.reshape(-1, g)
-    scale, _ = rtn.minmax_params(groups, bits, symmetric)
+    scale, _ = rtn._grid(groups, bits, symmetric)
     # 1e-6 relative: float32 rounding of w / scale; symmetric grids clip -absmax at -2^(b-1) + 1 steps.
     assert torch.all((groups - groups_hat).abs() <= scale / 2 * (1 + 1e-6) + 1e-9)
     assert torch.all(torch.tensor([row.unique().numel() for row in groups_hat]) <= 2**bits)
@@ -26,14 +26,14 @@ def test_round_trip_error_is_at_most_half_a_step(bits, group_size, symmetric):
 
 def test_per_channel_is_one_group_per_row():
     w = _w()
-    assert torch.equal(rtn.quantize_rtn(w, 3), rtn.quantize_rtn(w, 3, group_size=w.shape[1]))
+    assert torch.equal(rtn.quantize_rtn(w, 3).dequantize(), rtn.quantize_rtn(w, 3, group_size=w.shape[1]).dequantize())
 
 
 def test_zero_is_exact_and_dtype_kept():
     w = _w().to(torch.bfloat16)
     w[:, 7] = 0
     for symmetric in (False, True):
-        w_hat = rtn.quantize_rtn(w, 4, 32, symmetric=symmetric)
+        w_hat = rtn.quantize_rtn(w, 4, 32, symmetric=symmetric).dequantize()
         assert w_hat.dtype == torch.bfloat16 and w_hat.shape == w.shape
         assert torch.all(w_hat[:, 7] == 0)
 
@@ -41,14 +41,14 @@ def test_zero_is_exact_and_dtype_kept():
 def test_constant_zero_group_does_not_divide_by_zero():
     w = _w()
     w[:, :32] = 0
-    w_hat = rtn.quantize_rtn(w, 4, 32)
+    w_hat = rtn.quantize_rtn(w, 4, 32).dequantize()
     assert torch.isfinite(w_hat).all() and torch.all(w_hat[:, :32] == 0)
 
 
 def test_groups_beat_per_channel_on_weight_error():
     w = _w(64, 256)
     w[:, 3] *= 20  # an outlier column: it stretches the grid of its whole row, but only one group of it
-    err = lambda g: (w - rtn.quantize_rtn(w, 4, g)).pow(2).mean()
+    err = lambda g: (w - rtn.quantize_rtn(w, 4, g).dequantize()).pow(2).mean()
     assert err(32) < 0.5 * err(None)
 
 
@@ -56,21 +56,21 @@ def test_matches_torch_fake_quantize_per_channel_affine_bit_for_bit():
     w = _w(32, 256, seed=3)
     for bits in (3, 4, 8):
         groups = w.reshape(-1, 64)  # groups of 64 are the rows of this view: one channel each
-        scale, zero = rtn.minmax_params(groups, bits)
-        ours = rtn.quantize_rtn(w, bits, 64).reshape(-1, 64)
+        scale, zero = rtn._grid(groups, bits)
+        ours = rtn.quantize_rtn(w, bits, 64).dequantize().reshape(-1, 64)
         theirs = torch.fake_quantize_per_channel_affine(groups, scale.view(-1), zero.view(-1).int(), 0, 0,
                                                         2**bits - 1)
         assert torch.equal(ours, theirs)
-    scale, zero = rtn.minmax_params(w, 4)  # group_size=None: one grid per output row
+    scale, zero = rtn._grid(w, 4)  # group_size=None: one grid per output row
     per_channel = torch.fake_quantize_per_channel_affine(w, scale.view(-1), zero.view(-1).int(), 0, 0, 15)
-    assert torch.equal(rtn.quantize_rtn(w, 4), per_channel)
+    assert torch.equal(rtn.quantize_rtn(w, 4).dequantize(), per_channel)
 
 
 def test_clip_ratio_shrinks_the_grid():
     w = _w()
-    clipped = rtn.quantize_rtn(w, 4, 32, clip_ratio=0.5)
+    clipped = rtn.quantize_rtn(w, 4, 32, clip_ratio=0.5).dequantize()
     assert clipped.abs().max() < 0.6 * w.abs().max()
-    assert not torch.equal(clipped, rtn.quantize_rtn(w, 4, 32))
+    assert not torch.equal(clipped, rtn.quantize_rtn(w, 4, 32).dequantize())
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [

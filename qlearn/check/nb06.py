@@ -41,9 +41,10 @@ def _block(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(64, generator=g) * 0.03
-    codes, absmax = nf4.quantize_nf4(w)
+    state = nf4.quantize_nf4(w)
+    codes = state.codes
     packed = (codes[0::2] << 4) | codes[1::2]  # bitsandbytes: the first code in the high nibble
-    return packed, absmax[0], nf4.dequantize_nf4(codes, absmax)
+    return packed, state.absmax[0], state.dequantize()
 
 
 def dequantize_block(fn) -> CheckResult:

@@ -64,7 +64,7 @@ def _w_hat(g: torch.Generator, shape: tuple[int, ...], blocksize: int) -> torch.
     """A weight as a 4-bit layer computes with: dequantize(quantize(w))."""
     from qlearn.quant import nf4
 
-    return nf4.dequantize_nf4(*nf4.quantize_nf4(torch.randn(shape, generator=g) * 0.02, blocksize), blocksize)
+    return nf4.quantize_nf4(torch.randn(shape, generator=g) * 0.02, blocksize).dequantize()
 
 
 def _cases() -> list[tuple[torch.Tensor, torch.Tensor, int, str]]:
@@ -87,7 +87,8 @@ def _moved_keeping_absmax(w_hat: torch.Tensor, delta: torch.Tensor, blocksize: i
     """The usual mistake: re-quantize with the OLD block scales."""
     from qlearn.quant import nf4
 
-    codes, absmax = nf4.quantize_nf4(w_hat, blocksize)
+    state = nf4.quantize_nf4(w_hat, blocksize)
+    codes, absmax = state.codes, state.absmax
     table = nf4.codebook()
     blocks = (w_hat + delta).reshape(-1, blocksize) / absmax.unsqueeze(1)  # (n_blocks, blocksize)
     mid = (table[:-1] + table[1:]) / 2

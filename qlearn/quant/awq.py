@@ -22,6 +22,9 @@ AWQ's reference implementation follows the scale search with a second, smaller s
 for each output row and group, the clipping range [r min, r max], r in {1, 0.95, ..., 0.55}, with the
 smallest error of that group's share of the output, || (W_g - Q(clip_r(W_g))) X_g ||^2: cutting the
 largest weights of a group a little makes the grid finer for all the others.
+
+The result is a `QTensor` of W diag(s) whose `input_scale` is s, so `.dequantize()` is the effective
+weight Q(W diag(s)) diag(s)^-1 (s folded away: no storage).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import rtn
+from . import linear, rtn
+from .linear import QTensor
 
 __all__ = ["activation_scale", "awq_quantize", "clip_search"]
 
@@ -43,70 +47,94 @@ def activation_scale(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).float().abs().mean(dim=0)
 
 
+def _check_x(x: Tensor, cols: int) -> None:
+    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[-1] != cols:
+        raise ValueError(f"x must be the layer's inputs, shape (..., {cols}), got {tuple(getattr(x, 'shape', ()))}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf: the calibration activations must be finite")
+
+
 @torch.no_grad()
 def clip_search(w: Tensor, x: Tensor, bits: int, group_size: int | None = None, *, n_grid: int = 20,
-                max_shrink: float = 0.5, n_tokens: int = 256, symmetric: bool = False) -> Tensor:
+                max_shrink: float = 0.5, n_tokens: int = 256, symmetric: bool = False) -> QTensor:
     """RTN of `w` with, per output row and group, the clipping ratio r that minimizes the group's
-    output error on (a subsample of `n_tokens` of) the inputs `x`. Returns the dequantized weight."""
+    output error on (a subsample of `n_tokens` of) the inputs `x`. Returns the QTensor."""
     rtn.check_args(w, bits, group_size)
+    _check_x(x, w.shape[1])
+    return _clip_search(w.float(), x, bits, group_size, n_grid, max_shrink, n_tokens, symmetric)
+
+
+def _clip_search(w, x, bits, group_size, n_grid, max_shrink, n_tokens, symmetric) -> QTensor:
     rows, cols = w.shape
     group = group_size or cols
     X = x.reshape(-1, cols).float()
     X = X[:: max(1, X.shape[0] // n_tokens)]  # evenly spaced tokens: the search is per group, cheap
-    W = w.float().reshape(rows, cols // group, group)  # (rows, groups, group_size)
+    Wg = w.reshape(rows, cols // group, group)  # (rows, groups, group_size)
     Xg = X.reshape(-1, cols // group, group)  # (tokens, groups, group_size)
-    best_error = torch.full((rows, cols // group), float("inf"), device=W.device)
-    best = torch.zeros_like(W)
+    best_error = torch.full((rows, cols // group), float("inf"), device=w.device)
+    best_codes = torch.zeros_like(Wg)
+    best_scale = torch.zeros(rows, cols // group, 1, device=w.device)
+    best_zero = torch.zeros_like(best_scale)
     for i in range(round(max_shrink * n_grid)):
         r = 1 - i / n_grid
         # Step 1: RTN on grids shrunk to r times each group's range (values beyond it are clamped).
-        Q = rtn.quantize_rtn(w.float(), bits, group_size, symmetric=symmetric, clip_ratio=r).reshape(W.shape)
+        scale, zero = linear._scale_zero_point(Wg, bits, symmetric, 3, None, group, r)  # (rows, groups, 1)
+        codes = rtn._round(Wg, scale, zero, bits, symmetric)
         # Step 2: each group's contribution to the output error, (rows, groups).
-        error = torch.einsum("rgk,ngk->rgn", W - Q, Xg).pow(2).mean(dim=-1)
+        error = torch.einsum("rgk,ngk->rgn", Wg - (codes - zero) * scale, Xg).pow(2).mean(dim=-1)
         # Step 3: keep, per row and group, the best ratio so far.
         better = error < best_error
         best_error = torch.where(better, error, best_error)
-        best = torch.where(better.unsqueeze(-1), Q, best)
-    return best.reshape(rows, cols)
+        best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
+        best_scale = torch.where(better.unsqueeze(-1), scale, best_scale)
+        best_zero = torch.where(better.unsqueeze(-1), zero, best_zero)
+    return rtn._state(best_codes.reshape(rows, cols), best_scale, best_zero, bits, symmetric, group_size, w)
 
 
 @torch.no_grad()
 def awq_quantize(w: Tensor, x: Tensor, bits: int, group_size: int | None = None, *,
                  n_grid: int = 20, clip: bool = True, n_tokens: int = 1024,
-                 symmetric: bool = False) -> tuple[Tensor, Tensor, float]:
-    """Return `(w_hat, s, alpha)`: the effective dequantized weight Q(W diag(s)) diag(s)^-1 in w's
-    dtype, the per-input-channel scales, and the chosen alpha.
+                 symmetric: bool = False) -> tuple[QTensor, Tensor, float]:
+    """Return `(state, s, alpha)`: the QTensor of W diag(s) with `input_scale` s (its `.dequantize()` is
+    the effective weight Q(W diag(s)) diag(s)^-1 in w's dtype), the per-input-channel scales, the alpha.
 
     `x`: calibration inputs of the layer, (..., in_features); `bits`, `group_size`, `symmetric` as in
     `rtn.quantize_rtn`; `clip`: follow with `clip_search` (as AWQ's reference code does).
     """
     rtn.check_args(w, bits, group_size)
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features but w has {w.shape[1]} input features")
-    if not isinstance(n_grid, int) or n_grid < 1:
+    _check_x(x, w.shape[1])
+    if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 1:
         raise ValueError(f"n_grid must be a positive int (AWQ uses 20), got {n_grid!r}")
     W = w.float()
     X = x.reshape(-1, x.shape[-1]).float()  # (N, in_features)
     # Step 1: how large each input channel's activations are, on average (all tokens); the search
     # below measures its error on about `n_tokens` evenly spaced tokens, which is plenty for a choice
     # among n_grid values and keeps it cheap.
-    x_mean = activation_scale(X).clamp(min=1e-8)
+    x_mean = X.abs().mean(dim=0).clamp(min=1e-8)
     X = X[:: max(1, X.shape[0] // n_tokens)]
     y = X @ W.T  # (N, out_features): the full-precision output
-    best = (float("inf"), None, None, 0.0)
+    axis = 0 if group_size is None else None
+    best = (float("inf"), None, 0.0)
     for i in range(n_grid):
         alpha = i / n_grid
         # Step 2: candidate scales, normalized so that they straddle 1.
         s = x_mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
         # Step 3: quantize the scaled weight, fold the scale back, measure the output error.
-        w_hat = rtn.quantize_rtn(W * s, bits, group_size, symmetric=symmetric) / s
+        scaled = W * s
+        scale, zero = linear._scale_zero_point(linear._grouped(scaled, group_size), bits, symmetric, 2, axis,
+                                               group_size)
+        codes = rtn._round(linear._grouped(scaled, group_size), scale, zero, bits, symmetric)
+        w_hat = ((codes - zero) * scale).reshape(W.shape) / s
         error = (X @ w_hat.T - y).pow(2).mean().item()
         # Step 4: keep the best alpha.
         if error < best[0]:
-            best = (error, w_hat, s, alpha)
-    _, w_hat, s, alpha = best
-    # Step 5 (optional): the clipping search on the scaled weight, whose inputs are x / s.
+            best = (error, s, alpha)
+    _, s, alpha = best
+    # Step 5: the grid of W diag(s), with the clipping search (inputs x / s) or plain min-max.
     if clip:
-        w_hat = clip_search(W * s, X / s, bits, group_size, symmetric=symmetric) / s
-    return w_hat.to(w.dtype), s, alpha
+        state = _clip_search(W * s, X / s, bits, group_size, 20, 0.5, 256, symmetric)
+    else:
+        state = linear.quantize(W * s, bits, symmetric, axis, group_size)
+    state.input_scale, state.dtype = s, w.dtype
+    return state, s, alpha

@@ -21,28 +21,40 @@ levels and the same one-scale-per-tensor storage.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .linear import quantize
+from .state import QuantState, storage_bits
 
 __all__ = ["Codebook", "Comparison", "compare_with_linear", "kmeans_quantize"]
 
 
-class Codebook(NamedTuple):
+@dataclass(repr=False)
+class Codebook(QuantState):
+    """A learned table and each value's index into it: x_hat = table[code]."""
+
     codes: Tensor  # uint8 indices, the input's shape
     table: Tensor  # float32 (2^bits,) sorted centroids
+    shape: torch.Size
+    dtype: torch.dtype
+    table_bits: int = 16  # storage of each table entry (fp16)
 
-    def dequantize(self) -> Tensor:
-        """x_hat = table[codes], float32, the input's shape."""
+    @property
+    def bits(self) -> int:
+        return max(1, (self.table.numel() - 1).bit_length())
+
+    granularity = "per-tensor table"
+
+    def _values(self) -> Tensor:
         return self.table[self.codes.long()]
 
-    def bits_per_param(self, table_bits: int = 16) -> float:
-        """log2(len(table)) bits per value plus the table (table_bits per entry) spread over the values."""
-        k = self.table.numel()
-        return (k - 1).bit_length() + k * table_bits / self.codes.numel()
+    def storage_bits(self) -> float:
+        """log2(len(table)) bits per value plus the table (table_bits per entry), once per tensor."""
+        return storage_bits(self.codes.numel(), self.bits, tensor_bits=self.table.numel() * self.table_bits)
 
 
 class Comparison(NamedTuple):
@@ -77,7 +89,7 @@ def kmeans_quantize(x: Tensor, bits: int = 4, iters: int = 20) -> Codebook:
         counts = torch.bincount(codes, minlength=k).float()
         table = torch.where(counts > 0, sums / counts.clamp(min=1), table).sort().values
     codes = _assign(flat, table).to(torch.uint8).reshape(x.shape)
-    return Codebook(codes, table)
+    return Codebook(codes, table, x.shape, x.dtype)
 
 
 def compare_with_linear(x: Tensor, bits: int, iters: int = 20) -> Comparison:
@@ -86,4 +98,5 @@ def compare_with_linear(x: Tensor, bits: int, iters: int = 20) -> Comparison:
     km = kmeans_quantize(x, bits, iters)
     lin = quantize(x, bits, symmetric=False)
     x = x.float()
-    return Comparison(float((km.dequantize() - x).pow(2).mean()), float((lin.dequantize().float() - x).pow(2).mean()))
+    return Comparison(float((km.dequantize(torch.float32) - x).pow(2).mean()),
+                      float((lin.dequantize(torch.float32) - x).pow(2).mean()))

@@ -14,12 +14,14 @@ after which H^-1 loses row and column j. GPTQ's two practical tricks:
 - The successive inverses are the rows of the upper Cholesky factor U of H^-1 (H^-1 = U^T U), so
   [H^-1]_jj -> U_jj and [H^-1]_{j, j+1:} -> U_{j, j+1:}: one Cholesky, no matrix updates.
 - Dampening: H += percdamp * mean(diag H) * I keeps the Cholesky stable (a few % of the diagonal).
-Optional: lazy batches (apply the updates to the far columns once per block of 128 columns, same
-result up to float rounding, faster); groups (a scale and zero point per `group_size` columns,
+Optional: lazy batches (apply the updates to the far columns once per batch of `lazy_batch_size` = 128
+columns, same result up to float rounding, faster; the GPTQ reference calls this width `blocksize`,
+renamed here because it is not a quantization block); groups (a scale and zero point per `group_size` columns,
 fixed when the group's first column is reached, from the error-updated weights); act-order (quantize
 columns in order of decreasing diag(H), the most active inputs first).
 The grid itself is round-to-nearest min-max (`qlearn.quant.rtn`), so with a diagonal Hessian there is
-nothing to compensate and GPTQ equals RTN exactly.
+nothing to compensate and GPTQ equals RTN exactly. The result is a `QTensor`: codes, the group grids,
+and with act-order the column order (`perm`, GPTQ's g_idx) that `.dequantize()` undoes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import rtn
+from .linear import QTensor
 
 __all__ = ["gptq_quantize", "hessian"]
 
@@ -48,22 +51,25 @@ def hessian(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int | None = None, *,
-                  symmetric: bool = False, percdamp: float = 0.01, blocksize: int = 128,
-                  act_order: bool = False) -> Tensor:
-    """Return GPTQ's quantized-then-dequantized `w` (out_features x in_features), in w's dtype.
+                  symmetric: bool = False, percdamp: float = 0.01, lazy_batch_size: int = 128,
+                  act_order: bool = False) -> QTensor:
+    """GPTQ's quantized `w` (out_features x in_features) as a QTensor (`.dequantize()` in w's dtype).
 
     `H` is `hessian(x)` of the layer's inputs; `bits`, `group_size` and `symmetric` as in
     `rtn.quantize_rtn` (None: one scale and zero point per output row).
     """
+    # Step 0: validate once (the column loop below calls only unchecked helpers).
     rtn.check_args(w, bits, group_size)
     cols = w.shape[1]
     if not isinstance(H, Tensor) or H.shape != (cols, cols):
         raise ValueError(f"H must be ({cols}, {cols}) for a weight with {cols} input features, "
                          f"got {tuple(getattr(H, 'shape', ()))}")
-    if not 0 <= percdamp < 1:
-        raise ValueError(f"percdamp must be in [0, 1), got {percdamp}")
-    if not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if not torch.isfinite(H).all():
+        raise ValueError("H contains NaN or inf: the calibration activations must be finite")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < 1:
+        raise ValueError(f"percdamp must be in [0, 1), got {percdamp!r}")
+    if isinstance(lazy_batch_size, bool) or not isinstance(lazy_batch_size, int) or lazy_batch_size < 1:
+        raise ValueError(f"lazy_batch_size must be a positive int, got {lazy_batch_size!r}")
     W = w.float().clone()
     H = H.float().clone()
 
@@ -81,29 +87,38 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int | None = None
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     # Step 4: without groups, one scale and zero point per row from the whole (original) row.
+    group = group_size or cols
+    scales = torch.zeros(W.shape[0], cols // group, 1, device=W.device)  # (rows, groups, 1)
+    zeros = torch.zeros_like(scales)
     if group_size is None:
-        scale, zero = rtn.minmax_params(W, bits, symmetric)  # (rows, 1) each
-    Q = torch.zeros_like(W)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
+        scale, zero = rtn._grid(W, bits, symmetric)  # (rows, 1) each
+        scales[:, 0], zeros[:, 0] = scale, zero
+    codes = torch.zeros_like(W)
+    for i1 in range(0, cols, lazy_batch_size):
+        i2 = min(i1 + lazy_batch_size, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for j in range(i2 - i1):
             # Step 5: a new group starts: its grid from the current (error-updated) weights.
             if group_size is not None and (i1 + j) % group_size == 0:
-                group = torch.cat([W1[:, j:], W[:, i2:]], dim=1)[:, :group_size]  # (rows, group_size)
-                scale, zero = rtn.minmax_params(group, bits, symmetric)
+                ahead = torch.cat([W1[:, j:], W[:, i2:]], dim=1)[:, :group_size]  # (rows, group_size)
+                scale, zero = rtn._grid(ahead, bits, symmetric)
+                scales[:, (i1 + j) // group_size], zeros[:, (i1 + j) // group_size] = scale, zero
             # Step 6: round column j to the grid; its error, scaled by the inverse Hessian's pivot...
             w_col = W1[:, j : j + 1]  # (rows, 1)
-            q_col = rtn.fake_quantize(w_col, scale, zero, bits, symmetric)
-            Q[:, i1 + j] = q_col[:, 0]
-            err = (w_col - q_col) / U1[j, j]  # (rows, 1)
-            # Step 7: ...is pushed onto the not-yet-quantized columns of this block.
+            code = rtn._round(w_col, scale, zero, bits, symmetric)
+            codes[:, i1 + j] = code[:, 0]
+            err = (w_col - (code - zero) * scale) / U1[j, j]  # (rows, 1)
+            # Step 7: ...is pushed onto the not-yet-quantized columns of this batch.
             W1[:, j:] -= err @ U1[j : j + 1, j:]
             Err1[:, j] = err[:, 0]
-        # Step 8 (lazy batch): the block's accumulated errors update all later columns at once.
+        # Step 8 (lazy batch): the batch's accumulated errors update all later columns at once.
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
-    # Step 9: undo act-order's permutation.
-    Q = Q[:, torch.argsort(perm)]
-    return Q.to(w.dtype)
+    # Step 9: undo act-order's permutation. Per-row grids do not care about column order, so the codes go
+    # back in place; groups of permuted columns do, so then the state keeps the order (GPTQ's g_idx) and
+    # `.dequantize()` undoes it.
+    if act_order and group_size is None:
+        codes, act_order = codes[:, torch.argsort(perm)], False
+    return rtn._state(codes, scales, zeros, bits, symmetric, group_size, w,
+                      perm=perm.clone() if act_order else None)

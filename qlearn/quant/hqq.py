@@ -16,6 +16,7 @@ starting from min-max RTN, with the scale s kept fixed (as HQQ's reference solve
 zero point left in floating point (stored as fp16). HQQ's defaults: p = 0.7, beta = 10,
 kappa = 1.01, 20 iterations, stopping early when the mean absolute weight error stops improving.
 No calibration data: only the weights are used (so it takes a second for a whole model).
+The result is a `QTensor` whose zero points are floats (fp16 in storage, as HQQ keeps them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import rtn
+from .linear import QTensor
 
 __all__ = ["hqq_quantize", "shrink_lp"]
 
@@ -37,8 +39,8 @@ def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
 
 @torch.no_grad()
 def hqq_quantize(w: Tensor, bits: int, group_size: int | None = None, *, p: float = 0.7,
-                 beta: float = 10.0, kappa: float = 1.01, iters: int = 20) -> Tensor:
-    """Return HQQ's quantized-then-dequantized `w` (out_features x in_features), in w's dtype.
+                 beta: float = 10.0, kappa: float = 1.01, iters: int = 20) -> QTensor:
+    """HQQ's quantized `w` (out_features x in_features) as a QTensor with float zero points.
 
     Groups of `group_size` consecutive input features per output row (None: one per row).
     """
@@ -53,7 +55,7 @@ def hqq_quantize(w: Tensor, bits: int, group_size: int | None = None, *, p: floa
     qmax = 2**bits - 1
 
     # Step 1: start from min-max RTN; the scale stays fixed, the zero point becomes a float.
-    scale, zero = rtn.minmax_params(W, bits, symmetric=False)  # (groups, 1) each
+    scale, zero = rtn._grid(W, bits, symmetric=False)  # (groups, 1) each
     zero = zero.float()
 
     def dequantized(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,4 +76,6 @@ def hqq_quantize(w: Tensor, bits: int, group_size: int | None = None, *, p: floa
         zero = torch.mean(W_q - (W - W_e) / scale, dim=1, keepdim=True)
         # Step 5: tighten the splitting.
         beta *= kappa
-    return dequantized(best_zero)[1].reshape(rows, cols).to(w.dtype)
+    W_q, _ = dequantized(best_zero)
+    return rtn._state(W_q.reshape(rows, cols), scale.reshape(rows, -1, 1), best_zero.reshape(rows, -1, 1),
+                      bits, False, group_size, w)

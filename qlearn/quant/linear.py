@@ -16,14 +16,20 @@ Asymmetric (min-max; the range always includes 0, as torch's observers do, so 0 
 and in both cases  x_hat = scale * (q - zero_point). Every x inside the grid's range comes back
 within scale/2.
 
-Three details make the codes equal torch.quantize_per_tensor / quantize_per_channel's bit for bit
-(measured on torch 2.13's x86 CPU kernels; tests/test_quant_linear.py checks it):
-- `round` is round-half-to-even (torch.round; torch's kernels use nearbyint);
-- the zero point is added *before* rounding, q = clamp(round(x * (1 / scale) + zero_point)), with the
-  multiply-add rounded once to float32 (torch's kernels use a fused multiply-add). This equals
-  round(x / scale) + zero_point except next to ties: at an exact tie with an odd zero point the two
-  pick codes one apart (half-to-even applies to the code, not to x / scale), and x / scale differs
-  from x * (1 / scale) in the last bit now and then (4 codes in 10^6 Gaussian values at scale 0.01);
+Two rounding rules, because torch itself has two (`rounding=` names which one a function follows):
+- "zero_point_first": q = clamp(round(x * (1 / scale) + zero_point)), the zero point added *before*
+  rounding, the multiply-add rounded once to float32 (torch's kernels use a fused multiply-add): the rule
+  of torch.quantize_per_tensor / quantize_per_channel. `quantize` uses it, so its codes equal torch's bit
+  for bit (measured on torch 2.13's x86 CPU kernels; tests/test_quant_linear.py checks it).
+- "zero_point_after": q = clamp(round(x * (1 / scale)) + zero_point), the rule of
+  torch.fake_quantize_per_tensor_affine / fake_quantize_per_channel_affine, which QAT (qlearn.quant.qat)
+  follows, and so does `qat.convert` when it turns a trained layer into codes.
+The two agree except at exact ties with an odd zero point, where they pick codes one apart
+(half-to-even applies to the code in the first rule, to x / scale in the second): with scale 0.125,
+zero point 3, x = 0.0625 gives round(0.5 + 3) = 4 but round(0.5) + 3 = 3. Other details:
+- `round` is round-half-to-even (torch.round; torch's kernels use nearbyint); x / scale is computed as
+  x * (1 / scale), as torch's kernels do (they differ in the last bit now and then: 4 codes in 10^6
+  Gaussian values at scale 0.01);
 - the scale is floored at SCALE_FLOOR = float32 eps (1.19e-7), the floor of torch.ao.quantization's
   observers, so an all-zero group gets a tiny scale and codes 0 (its values come back as exact zeros)
   instead of 0/0 = NaN. Scales and zero points equal those of MinMaxObserver / PerChannelMinMaxObserver
@@ -35,7 +41,12 @@ last dimension. `clip_ratio` < 1 shrinks the range (values outside are clamped):
 between rounding error and clipping error that `mse_clip_search` optimizes.
 
 Building blocks for other quantizers: `qrange`, `compute_scale_zero_point`, `quantize_codes` (codes on
-a given grid) and `dequantize_codes`.
+a given grid) and `dequantize_codes`. They validate their inputs; the inner loops of GPTQ, AWQ and HQQ
+call the unchecked `_scale_zero_point` and `_codes` after validating once.
+
+`QTensor` is the quantized state of every integer grid in qlearn (quantize, RTN, GPTQ, AWQ, HQQ and QAT's
+convert): the codes, the scales and zero points, and the two extras a PTQ method may need, a column
+order (GPTQ's act-order) and input-channel scales folded into the previous operator (AWQ).
 """
 
 from __future__ import annotations
@@ -45,7 +56,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .state import QuantState, storage_bits
+
 __all__ = [
+    "ROUNDING",
     "SCALE_FLOOR",
     "QTensor",
     "compute_scale_zero_point",
@@ -57,6 +71,7 @@ __all__ = [
 ]
 
 SCALE_FLOOR = torch.finfo(torch.float32).eps  # torch.ao.quantization observers' floor on the scale
+ROUNDING = ("zero_point_first", "zero_point_after")  # torch.quantize_per_tensor's rule, fake_quantize's rule
 
 
 def _check_bits(bits: int) -> None:
@@ -70,16 +85,30 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
-def quantize_codes(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, symmetric: bool = True) -> Tensor:
-    """Codes of x on a given grid: clamp(round(x * (1 / scale) + zero_point), qmin, qmax), int8 when
-    symmetric, uint8 otherwise; scale and zero_point broadcast against x."""
-    qmin, qmax = qrange(bits, symmetric)
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDING:
+        raise ValueError(f"rounding must be one of {ROUNDING}, got {rounding!r}")
+
+
+def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, rounding: str) -> Tensor:
+    """Unchecked float codes clamp(round(...), qmin, qmax) by `rounding` (module docstring)."""
     inv_scale = 1.0 / scale.float()  # torch multiplies by the float32 reciprocal (module docstring)
+    if rounding == "zero_point_after":
+        return torch.clamp(torch.round(x.float() * inv_scale) + zero_point, qmin, qmax)
     # float32 * float32 is exact in float64, so one rounding to float32 after the add is torch's fused
     # multiply-add; with zero_point = 0 it is the plain float32 product
     y = (x.float().double() * inv_scale.double() + zero_point).float()
-    q = torch.clamp(torch.round(y), qmin, qmax)
-    return q.to(torch.int8 if symmetric else torch.uint8)
+    return torch.clamp(torch.round(y), qmin, qmax)
+
+
+def quantize_codes(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, symmetric: bool = True,
+                   rounding: str = "zero_point_first") -> Tensor:
+    """Codes of x on a given grid, clamp(round(x * (1 / scale) + zero_point), qmin, qmax) (or, with
+    rounding="zero_point_after", clamp(round(x * (1 / scale)) + zero_point, ...)); int8 when symmetric,
+    uint8 otherwise; scale and zero_point broadcast against x."""
+    qmin, qmax = qrange(bits, symmetric)
+    _check_rounding(rounding)
+    return _codes(x, scale, zero_point, qmin, qmax, rounding).to(torch.int8 if symmetric else torch.uint8)
 
 
 def dequantize_codes(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
@@ -87,28 +116,42 @@ def dequantize_codes(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return (q.float() - zero_point) * scale
 
 
-@dataclass
-class QTensor:
-    """Quantized data plus everything needed to undo it (like bitsandbytes' packed data + QuantState).
+@dataclass(repr=False)
+class QTensor(QuantState):
+    """Integer codes plus everything needed to undo them (like bitsandbytes' packed data + QuantState).
+
+        x_hat = scale * (q - zero_point)          per tensor, per channel along `axis`, or per group
 
     For per-group quantization `scale` and `zero_point` have shape (*shape[:-1], shape[-1] // group_size, 1)
     and broadcast against q viewed as (*shape[:-1], shape[-1] // group_size, group_size); per-channel
-    they are 1 everywhere but along `axis`; per-tensor they are 0-d."""
+    they are 1 everywhere but along `axis`; per-tensor they are 0-d. Two optional extras for 2-D
+    weights (out, in): `perm`, the order in which the columns were quantized and are stored (GPTQ's
+    act-order; dequantize puts them back), and `input_scale`, per-input-channel scales s that the
+    weight was multiplied by before quantizing (AWQ: the effective weight is x_hat / s, with 1 / s
+    folded into the previous operator, so s costs no storage)."""
 
     q: Tensor  # integer codes, the input's shape (int8 symmetric, uint8 asymmetric)
     scale: Tensor  # float32
-    zero_point: Tensor  # float32 holding integers, same layout as scale (zeros when symmetric)
+    zero_point: Tensor  # float32, same layout as scale (zeros when symmetric; HQQ's are not integers)
     bits: int
     symmetric: bool
     axis: int | None  # normalized to 0..ndim-1
     group_size: int | None
     shape: torch.Size
     dtype: torch.dtype
+    scale_bits: int = 16  # storage of each scale (fp16, as RTN, GPTQ, AWQ, HQQ and GGUF keep them)
+    zero_point_bits: int = 16  # storage of each zero point (GPTQ packs its integer zero points in `bits`)
+    perm: Tensor | None = None  # (in,) column order of q and the groups (GPTQ act-order), else None
+    input_scale: Tensor | None = None  # (in,) AWQ's scales s: the effective weight is x_hat / s
 
-    def dequantize(self) -> Tensor:
-        """x_hat = scale * (q - zero_point), in the original shape and dtype."""
+    def _values(self) -> Tensor:
         x_hat = dequantize_codes(_grouped(self.q, self.group_size), self.scale, self.zero_point)
-        return x_hat.reshape(self.shape).to(self.dtype)
+        x_hat = x_hat.reshape(self.shape)
+        if self.perm is not None:
+            x_hat = x_hat[:, torch.argsort(self.perm)]  # columns back in their original order
+        if self.input_scale is not None:
+            x_hat = x_hat / self.input_scale
+        return x_hat
 
     @property
     def granularity(self) -> str:
@@ -116,25 +159,21 @@ class QTensor:
             return f"per-group({self.group_size})"
         return "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
 
-    def storage_bits(self, scale_bits: int = 16, zero_point_bits: int = 16) -> int:
-        """Bits to store this tensor with packed codes: `bits` per value, plus `scale_bits` per scale
-        and, if asymmetric, `zero_point_bits` per zero point (fp16 each by default, as in RTN/GGUF;
-        GPTQ packs its zero points in `bits` bits: pass zero_point_bits=self.bits)."""
-        extra = self.scale.numel() * (scale_bits + (0 if self.symmetric else zero_point_bits))
-        return self.q.numel() * self.bits + extra
+    def storage_bits(self) -> float:
+        """bits per code + scale_bits per scale (+ zero_point_bits per zero point when asymmetric)
+        + 32 per column for a stored order (GPTQ's g_idx); AWQ's folded scales cost nothing."""
+        return storage_bits(self.q.numel(), self.bits, scales=self.scale.numel(), scale_bits=self.scale_bits,
+                            zero_points=0 if self.symmetric else self.zero_point.numel(),
+                            zero_point_bits=self.zero_point_bits,
+                            tensor_bits=0 if self.perm is None else 32 * self.perm.numel())
 
-    def bits_per_param(self, scale_bits: int = 16, zero_point_bits: int = 16) -> float:
-        """storage_bits / numel: e.g. 4 + 16/128 = 4.125 for symmetric 4-bit groups of 128."""
-        return self.storage_bits(scale_bits, zero_point_bits) / self.q.numel()
-
-    def nbytes_packed(self, scale_bits: int = 16, zero_point_bits: int = 16) -> int:
-        """storage_bits rounded up to whole bytes."""
-        return -(-self.storage_bits(scale_bits, zero_point_bits) // 8)
-
-    def __repr__(self) -> str:
-        kind = "symmetric" if self.symmetric else "asymmetric"
-        return (f"QTensor(bits={self.bits}, {kind}, {self.granularity}, shape={tuple(self.shape)}, "
-                f"scales={self.scale.numel()}, dtype={self.dtype})")
+    def _repr_fields(self) -> str:
+        extra = ["symmetric" if self.symmetric else "asymmetric", f"scales={self.scale.numel()}"]
+        if self.perm is not None:
+            extra.append("act-order")
+        if self.input_scale is not None:
+            extra.append("input_scale")
+        return ", ".join(extra)
 
 
 def _grouped(x: Tensor, group_size: int | None) -> Tensor:
@@ -178,16 +217,13 @@ def _reduce(t: Tensor, op, x_dim: int, axis: int | None, group_size: int | None)
     return op(t, dim=dims, keepdim=True) if dims else t.clone()  # 1-D per-channel: one scale per value
 
 
-def compute_scale_zero_point(x: Tensor, bits: int, symmetric: bool = True, axis: int | None = None,
-                             group_size: int | None = None, clip_ratio: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(scale, zero_point), float32, by the formulas of the module docstring, shaped to broadcast
-    against the grouped view of x (x itself unless group_size is given)."""
-    _check(x, bits, axis, group_size, clip_ratio)
-    xg = _grouped(x.float(), group_size)
-    qmin, qmax = qrange(bits, symmetric)
+def _scale_zero_point(xg: Tensor, bits: int, symmetric: bool, x_dim: int, axis: int | None,
+                      group_size: int | None, clip_ratio: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Unchecked core of `compute_scale_zero_point` on the grouped view `xg` (float32)."""
+    qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
     # Step 1: the range each scale covers, stretched to hold 0, then shrunk by clip_ratio
-    lo = _reduce(xg, torch.amin, x.dim(), axis, group_size).clamp(max=0) * clip_ratio
-    hi = _reduce(xg, torch.amax, x.dim(), axis, group_size).clamp(min=0) * clip_ratio
+    lo = _reduce(xg, torch.amin, x_dim, axis, group_size).clamp(max=0) * clip_ratio
+    hi = _reduce(xg, torch.amax, x_dim, axis, group_size).clamp(min=0) * clip_ratio
     # Step 2: the step between levels, floored so that an all-zero group does not divide by 0
     if symmetric:
         scale = (torch.maximum(-lo, hi) / qmax).clamp(min=SCALE_FLOOR)
@@ -198,9 +234,19 @@ def compute_scale_zero_point(x: Tensor, bits: int, symmetric: bool = True, axis:
     return scale, zero_point
 
 
+def compute_scale_zero_point(x: Tensor, bits: int, symmetric: bool = True, axis: int | None = None,
+                             group_size: int | None = None, clip_ratio: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(scale, zero_point), float32, by the formulas of the module docstring, shaped to broadcast
+    against the grouped view of x (x itself unless group_size is given)."""
+    _check(x, bits, axis, group_size, clip_ratio)
+    return _scale_zero_point(_grouped(x.float(), group_size), bits, symmetric, x.dim(), axis, group_size,
+                             clip_ratio)
+
+
 def quantize(x: Tensor, bits: int = 8, symmetric: bool = True, axis: int | None = None,
              group_size: int | None = None, clip_ratio: float = 1.0) -> QTensor:
-    """Quantize x to `bits`-bit integer codes with a scale and a zero point (module docstring).
+    """Quantize x to `bits`-bit integer codes with a scale and a zero point (module docstring), by
+    torch.quantize_per_tensor's rounding rule ("zero_point_first").
 
     axis=None: per-tensor; axis=k: per-channel, one scale per index along dimension k;
     group_size=g: per-group, one scale per g consecutive values of the last dimension (g must divide it).

@@ -4,13 +4,13 @@ Simulated quantization: each weight is replaced by its quantized-then-dequantize
 same module), so the model runs as before and its accuracy is exactly that of the quantized weights;
 the memory saving is reported, not realized (packing and fast kernels are notebook 08's topic).
 
-Kept in high precision by default: `lm_head` (the output projection; quantizing it costs the most
+Left in high precision by default (`exclude=("lm_head",)`, matched by qlearn.modules' rule): `lm_head` (the output projection; quantizing it costs the most
 perplexity per bit, and GPTQ, AWQ and bitsandbytes' LLM.int8 keep it too) and the embeddings (an
 `nn.Embedding`, not an `nn.Linear`: a table lookup, left alone). Everything else that is an
 `nn.Linear` is quantized: in a Llama, q/k/v/o_proj and gate/up/down_proj of every block.
 
-Methods: "rtn", "gptq", "awq", "hqq" (integer grids of `bits` bits with groups) and "nf4", "fp4"
-(bitsandbytes' 4-bit code books, blocks of `group_size` or 64). GPTQ and AWQ need calibration data:
+Methods: "rtn", "gptq", "awq", "hqq" (integer grids of `bits` bits in groups of `group_size`) and "nf4",
+"fp4" (bitsandbytes' 4-bit code books in blocks of `blocksize`, default 64). GPTQ and AWQ need calibration data:
 `calib`, a list of token-id tensors. Their inputs are collected with forward hooks, sequentially as
 GPTQ does it: the inputs of the next layers are recorded after all earlier layers are quantized, so
 each layer sees (and can compensate) the errors of the ones before it. Layers fed the very same
@@ -18,25 +18,34 @@ input tensor (q, k, v; gate, up) are quantized from one pass and, for AWQ, share
 The repeated blocks (a Llama's decoder layers) are replayed one at a time from their recorded inputs,
 so calibration costs a few passes through the model, not one per layer.
 
-Bits per parameter count the codes plus the per-group parameters as stored:
-    integer methods  bits + 32 / group   (an fp16 scale and an fp16 zero point per group; group =
-                     group_size, or in_features when None; symmetric: 16 / group). AWQ's scales are
-                     folded into the previous operator and cost nothing.
-    nf4, fp4         4 + 32 / blocksize  (bitsandbytes' float32 absmax per block), or with
-                     double_quant: 4 + 8 / blocksize + 32 / (256 * blocksize)
+Each layer's quantized state (a QuantState: `QTensor` for the integer methods, `nf4.Blockwise` for
+nf4/fp4) is kept in the report, and the bits per parameter are the states' own `.bits_per_param()`
+(qlearn.quant.state's one formula): integer methods bits + 32 / group (an fp16 scale and zero point per
+group; symmetric 16 / group; AWQ's scales are folded into the previous operator and cost nothing);
+nf4/fp4 4 + 32 / blocksize, or with double_quant 4 + 8 / blocksize + 32 / (256 blocksize).
+
+Three ways to use it:
+    quantize_model(model, ...)               in place; returns the model, with `model.quant_report`
+    with quantized(model, ...) as report:    quantized inside the block, the original weights back after
+    quantize_copy(model, ...)                a quantized deep copy (the model itself untouched)
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
+from .. import modules
 from . import awq, gptq, hqq, nf4, rtn
+from .linear import QTensor
+from .state import QuantState
 
-__all__ = ["METHODS", "LayerReport", "QuantReport", "quantize_model"]
+__all__ = ["METHODS", "LayerReport", "QuantReport", "quantize_copy", "quantize_model", "quantized"]
 
 METHODS = ("rtn", "gptq", "awq", "hqq", "nf4", "fp4")
 CALIBRATED = ("gptq", "awq")
@@ -46,8 +55,12 @@ CALIBRATED = ("gptq", "awq")
 class LayerReport:
     name: str
     shape: tuple[int, int]  # (out_features, in_features)
-    bits_per_param: float
+    state: QuantState  # what is stored: codes, scales, zero points (its .dequantize() is the new weight)
     seconds: float
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.state.bits_per_param()
 
     @property
     def params(self) -> int:
@@ -58,9 +71,9 @@ class LayerReport:
 class QuantReport:
     method: str
     bits: int
-    group_size: int | None
+    group_size: int | None  # integer methods' group size, or nf4/fp4's blocksize
     layers: list[LayerReport] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)  # linear layers left in high precision
+    kept: list[str] = field(default_factory=list)  # linear layers left in high precision (`exclude`)
     seconds: float = 0.0  # wall time, calibration passes included
 
     @property
@@ -69,8 +82,13 @@ class QuantReport:
 
     @property
     def bits_per_param(self) -> float:
-        """Over the quantized layers, weighted by their number of parameters."""
-        return sum(layer.bits_per_param * layer.params for layer in self.layers) / self.params
+        """Over the quantized layers: their storage bits over their parameters."""
+        return sum(layer.state.storage_bits() for layer in self.layers) / self.params
+
+    @property
+    def states(self) -> dict[str, QuantState]:
+        """Each quantized layer's state, by name."""
+        return {layer.name: layer.state for layer in self.layers}
 
     def table(self) -> str:
         lines = [f"{'layer':40s} {'shape':>11s} {'bits/param':>10s} {'ms':>7s}"]
@@ -86,14 +104,17 @@ class QuantReport:
                 f"seconds={self.seconds:.2f}, kept={self.kept})")
 
 
-def _is_kept(name: str, keep) -> bool:
-    return any(name == k or name.endswith("." + k) for k in keep)
-
-
-def _bits_per_param(method: str, bits: int, group: int, symmetric: bool, double_quant: bool) -> float:
-    if method in ("nf4", "fp4"):
-        return 4 + (8 / group + 32 / (256 * group) if double_quant else 32 / group)
-    return bits + (16 if symmetric else 32) / group
+def _split_rows(state: QTensor, sizes: list[int]) -> list[QTensor]:
+    """The QTensor of weights stacked along their output rows, cut back into one state per weight
+    (the rows' codes, scales and zero points; a column order and AWQ's input scales are shared)."""
+    out, start = [], 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        shape = torch.Size((n, *state.shape[1:]))
+        out.append(replace(state, q=state.q[rows], scale=state.scale[rows], zero_point=state.zero_point[rows],
+                           shape=shape))
+        start += n
+    return out
 
 
 def _check_calib(calib) -> list[Tensor]:
@@ -243,14 +264,16 @@ def _calibrated_stages(model: nn.Module, layers: dict[str, nn.Linear], calib: li
 
 
 def quantize_model(model: nn.Module, method: str, bits: int = 4, group_size: int | None = None,
-                   calib: list[Tensor] | None = None, *, keep: tuple[str, ...] = ("lm_head",),
-                   symmetric: bool = False, double_quant: bool = False, act_order: bool = False,
-                   percdamp: float = 0.01, n_grid: int = 20) -> QuantReport:
+                   calib: list[Tensor] | None = None, *, blocksize: int | None = None,
+                   exclude: tuple[str, ...] = ("lm_head",), symmetric: bool = False, double_quant: bool = False,
+                   act_order: bool = False, percdamp: float = 0.01, n_grid: int = 20) -> nn.Module:
     """Quantize every `nn.Linear` of `model` in place (simulated: weights replaced by their
-    dequantized values) except the ones named in `keep`; return a `QuantReport`.
+    dequantized values) except those `exclude` names; return the model, whose `quant_report`
+    (a QuantReport) holds every layer's state, bits per parameter and seconds.
 
-    method      one of METHODS; bits in 2..8 (nf4/fp4: 4); group_size must divide every
-                in_features (nf4/fp4: the blocksize, default 64)
+    method      one of METHODS; bits in 2..8 (nf4/fp4: 4)
+    group_size  rtn/gptq/awq/hqq: the group of input features sharing a scale (None: one per row)
+    blocksize   nf4/fp4: the block sharing an absmax (default 64, bitsandbytes')
     calib       GPTQ/AWQ only: a list of token-id tensors, (T,) or (B, T)
     symmetric   integer methods except HQQ: symmetric grid (no zero point)
     double_quant  nf4/fp4: double-quantize the absmax values (QLoRA's DQ)
@@ -261,8 +284,13 @@ def quantize_model(model: nn.Module, method: str, bits: int = 4, group_size: int
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
-    if method in ("nf4", "fp4") and bits != 4:
+    codebook = method in ("nf4", "fp4")
+    if codebook and bits != 4:
         raise ValueError(f"{method} is a 4-bit code book: bits must be 4, got {bits}")
+    if codebook and group_size is not None:
+        raise ValueError(f"{method} quantizes in blocks: pass blocksize= (bitsandbytes' name), not group_size")
+    if not codebook and blocksize is not None:
+        raise ValueError(f"{method} quantizes in groups: pass group_size= (GPTQ/AWQ/HQQ's name), not blocksize")
     if method == "hqq" and symmetric:
         raise ValueError("hqq optimizes a zero point: symmetric=True is not supported")
     if method in CALIBRATED:
@@ -270,27 +298,27 @@ def quantize_model(model: nn.Module, method: str, bits: int = 4, group_size: int
             raise ValueError(f"{method} needs calibration data: pass calib=[token-id tensors] "
                              "(e.g. a few windows of the training text); rtn, hqq, nf4 and fp4 do not")
         calib = _check_calib(calib)
-    if method in ("nf4", "fp4") and group_size is None:
-        group_size = 64
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_kept(n, keep)}
-    kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_kept(n, keep)]
+    elif calib is not None:
+        raise ValueError(f"{method} uses no calibration data: calib is for {CALIBRATED}")
+    group = (blocksize or 64) if codebook else group_size
+    layers = modules.linear_layers(model, exclude=exclude)
+    kept = [n for n in modules.linear_layers(model, exclude=()) if n not in layers]
     if not layers:
-        raise ValueError(f"the model has no nn.Linear layer to quantize (kept: {kept})")
-    if group_size is not None:
+        raise ValueError(f"the model has no nn.Linear layer to quantize (excluded: {kept})")
+    name_of = "blocksize" if codebook else "group_size"
+    if group is not None:
         for name, m in layers.items():
-            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 \
-                    or m.in_features % group_size:
-                raise ValueError(f"group_size must be None or a positive int dividing in_features; "
-                                 f"{name} has in_features={m.in_features}, got group_size={group_size!r}")
+            if isinstance(group, bool) or not isinstance(group, int) or group < 1 or m.in_features % group:
+                raise ValueError(f"{name_of} must be {'' if codebook else 'None or '}a positive int dividing "
+                                 f"in_features; {name} has in_features={m.in_features}, got {name_of}={group!r}")
 
-    report = QuantReport(method, bits, group_size, kept=kept)
+    report = QuantReport(method, bits, group, kept=kept)
     start = time.perf_counter()
 
-    def quantize_layer(name: str, w_hat: Tensor, seconds: float) -> None:
+    def quantize_layer(name: str, state: QuantState, seconds: float) -> None:
         m = layers[name]
-        m.weight.data.copy_(w_hat)
-        bpp = _bits_per_param(method, bits, group_size or m.in_features, symmetric, double_quant)
-        report.layers.append(LayerReport(name, tuple(m.weight.shape), bpp, seconds))
+        m.weight.data.copy_(state.dequantize(m.weight.dtype))
+        report.layers.append(LayerReport(name, tuple(m.weight.shape), state, seconds))
 
     # Step 2: calibration-free methods: one layer at a time from its weight alone.
     if method not in CALIBRATED:
@@ -298,17 +326,13 @@ def quantize_model(model: nn.Module, method: str, bits: int = 4, group_size: int
             t = time.perf_counter()
             w = m.weight.data
             if method == "rtn":
-                w_hat = rtn.quantize_rtn(w, bits, group_size, symmetric=symmetric)
+                state = rtn.quantize_rtn(w, bits, group, symmetric=symmetric)
             elif method == "hqq":
-                w_hat = hqq.hqq_quantize(w, bits, group_size)
+                state = hqq.hqq_quantize(w, bits, group)
             else:
-                quantize, table = ((nf4.quantize_nf4, nf4.codebook()) if method == "nf4"
-                                   else (nf4.quantize_fp4, nf4.fp4_codebook()))
-                codes, absmax = quantize(w, blocksize=group_size)
-                if double_quant:
-                    absmax = nf4.dequantize_absmax(*nf4.double_quantize(absmax))
-                w_hat = nf4.dequantize_blockwise(codes, absmax, table, group_size, w.dtype)
-            quantize_layer(name, w_hat, time.perf_counter() - t)
+                quantize = nf4.quantize_nf4 if method == "nf4" else nf4.quantize_fp4
+                state = quantize(w, blocksize=group, double_quant=double_quant)
+            quantize_layer(name, state, time.perf_counter() - t)
     # Step 3: GPTQ / AWQ: stage by stage, inputs recorded after the earlier stages are quantized.
     else:
         t = time.perf_counter()
@@ -317,15 +341,39 @@ def quantize_model(model: nn.Module, method: str, bits: int = 4, group_size: int
             # (whose rows are quantized independently: same result, one Cholesky) and AWQ's scales.
             weights = [layers[n].weight.data for n in stage]
             if method == "gptq":
-                w_hat = gptq.gptq_quantize(torch.cat(weights), gptq.hessian(X), bits, group_size,
+                state = gptq.gptq_quantize(torch.cat(weights), gptq.hessian(X), bits, group,
                                            symmetric=symmetric, percdamp=percdamp, act_order=act_order)
             else:
-                w_hat, _, _ = awq.awq_quantize(torch.cat(weights), X, bits, group_size,
-                                               n_grid=n_grid, symmetric=symmetric)
-            w_hats = w_hat.split([w.shape[0] for w in weights])
+                state, _, _ = awq.awq_quantize(torch.cat(weights), X, bits, group, n_grid=n_grid,
+                                               symmetric=symmetric)
             seconds = (time.perf_counter() - t) / len(stage)  # this stage's share, calibration included
-            for name, w_hat in zip(stage, w_hats):
-                quantize_layer(name, w_hat, seconds)
+            for name, part in zip(stage, _split_rows(state, [w.shape[0] for w in weights])):
+                quantize_layer(name, part, seconds)
             t = time.perf_counter()
     report.seconds = time.perf_counter() - start
-    return report
+    model.quant_report = report
+    return model
+
+
+@contextlib.contextmanager
+def quantized(model: nn.Module, method: str, bits: int = 4, group_size: int | None = None,
+              calib: list[Tensor] | None = None, **kwargs):
+    """`with quantized(model, "gptq", 3, 64, calib=calib) as report: ...`: the model quantized inside the
+    block (quantize_model's arguments), its original linear weights restored on leaving it, even after
+    an error. Yields the QuantReport."""
+    saved = {n: m.weight.detach().clone() for n, m in modules.linear_layers(model, exclude=()).items()}
+    had_report = hasattr(model, "quant_report")
+    try:
+        yield quantize_model(model, method, bits, group_size, calib, **kwargs).quant_report
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                model.get_submodule(name).weight.copy_(weight)
+        if not had_report and hasattr(model, "quant_report"):
+            del model.quant_report
+
+
+def quantize_copy(model: nn.Module, method: str, bits: int = 4, group_size: int | None = None,
+                  calib: list[Tensor] | None = None, **kwargs) -> nn.Module:
+    """A quantized deep copy of `model` (quantize_model's arguments); `model` itself is untouched."""
+    return quantize_model(copy.deepcopy(model), method, bits, group_size, calib, **kwargs)

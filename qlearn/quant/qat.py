@@ -5,6 +5,11 @@ Fake quantization rounds to the grid and returns floats (quantize, then dequanti
     q      = round(x / scale) + zero_point          (round half to even; x / scale as x * (1 / scale))
     x_hat  = (clamp(q, qmin, qmax) - zero_point) * scale
 
+This is torch.fake_quantize_per_tensor_affine's rounding rule, which adds the zero point AFTER rounding
+(qlearn.quant.linear's "zero_point_after"); torch.quantize_per_tensor (and `qlearn.quant.quantize`)
+adds it before ("zero_point_first"). The two differ at exact ties with an odd zero point, so `convert`
+builds its codes with the QAT rule: the converted layer computes exactly what the QAT forward did.
+
 `round` is a staircase: its derivative is 0 almost everywhere, so the gradient of a loss through
 it would be 0 and nothing would train. The straight-through estimator (STE; Bengio et al. 2013)
 pretends the rounding was the identity in the backward pass, but keeps the clamp:
@@ -27,9 +32,11 @@ and the summed gradient of each scale is multiplied by the gradient scale g = 1 
 Modules:
     QATLinear     an nn.Linear whose weight (per output channel by default) and optionally input
                   are fake-quantized in the forward; optionally a learnable weight scale (LSQ)
-    prepare_qat   replace the nn.Linear layers of a model by QATLinear (in place, sharing weights)
+    prepare_qat   replace the nn.Linear layers of a model by QATLinear (in place, sharing weights;
+                  returns the model); layers chosen by qlearn.modules' rule, `exclude` as PEFT's
     convert       turn QATLinear layers back into nn.Linear holding the quantized weights (values
-                  exactly on the grid), optionally also returning them as QTensors
+                  exactly on the grid, equal to the QAT forward's); returns the model, whose
+                  `quant_report.states` holds each layer's QTensor
 
 Scales and zero points come from qlearn.quant.linear (min-max, as torch's observers), the grid
 from its `qrange`: symmetric codes in [-(2^(b-1)-1), 2^(b-1)-1], asymmetric in [0, 2^b-1].
@@ -43,6 +50,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from .. import modules
 from .linear import QTensor, compute_scale_zero_point, qrange, quantize_codes
 
 __all__ = ["FakeQuantize", "QATLinear", "convert", "fake_quantize", "lsq_grad_scale", "prepare_qat"]
@@ -227,8 +235,9 @@ class QATLinear(nn.Linear):
             scale, zero_point = self.weight_scale.detach(), self.weight_zero_point
         else:
             scale, zero_point = compute_scale_zero_point(w, self.bits, self.symmetric, self.axis, self.group_size)
+        # the QAT forward's rounding rule, round(x / s) + z, so that the codes are exactly its grid points
         q = quantize_codes(w.reshape(_grouped_shape(w.shape, self.group_size)), scale, zero_point,
-                           self.bits, self.symmetric).reshape(w.shape)
+                           self.bits, self.symmetric, rounding="zero_point_after").reshape(w.shape)
         return QTensor(q, scale.clone(), zero_point.clone(), self.bits, self.symmetric, self.axis,
                        self.group_size, w.shape, w.dtype)
 
@@ -241,44 +250,42 @@ class QATLinear(nn.Linear):
         return f"{super().extra_repr()}, bits={self.bits}, {kind}, {gran}{act}{lsq}"
 
 
-def _skipped(name: str, skip: Iterable[str]) -> bool:
-    parts = name.split(".")
-    return any(name == s or s in parts for s in skip)
-
-
 def prepare_qat(model: nn.Module, bits: int = 4, *, symmetric: bool = True, axis: int | None = 0,
                 group_size: int | None = None, act_bits: int | None = None, act_group_size: int | None = None,
-                learn_scale: bool = False, skip: Iterable[str] = ("lm_head",)) -> nn.Module:
-    """Replace every nn.Linear of `model` (in place) by a QATLinear sharing its parameters; return
-    the model. A layer is left alone when its qualified name, or one part of it, is in `skip`
-    (the output head by default: it is usually kept in higher precision)."""
+                learn_scale: bool = False, exclude: Iterable[str] = ("lm_head",)) -> nn.Module:
+    """Replace every nn.Linear of `model` (in place) by a QATLinear sharing its parameters; return the
+    model. Layers whose qualified name `exclude` matches (qlearn.modules' rule: the name or a name
+    suffix; the output head by default, usually kept in higher precision) are left alone."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(skip, str):
-        raise TypeError(f"skip must be a collection of names such as ('lm_head',), got the string {skip!r}")
-    skip = tuple(skip)
+    if isinstance(exclude, str):
+        raise TypeError(f"exclude must be a collection of names such as ('lm_head',), got the string {exclude!r}")
+    exclude = tuple(exclude)
     if type(model) is nn.Linear:
         raise TypeError("model is a single nn.Linear, which cannot be replaced in place: "
                         "use QATLinear.from_linear(linear, bits)")
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and not _skipped(name, skip)]  # exact type: not a QATLinear again
+    # exact type: a QATLinear (an nn.Linear subclass) is not prepared again
+    targets = modules.linear_layers(model, exclude=exclude, exact_type=True)
     if not targets:
-        raise ValueError(f"model has no nn.Linear layer to prepare (skip={skip})")
+        raise ValueError(f"model has no nn.Linear layer to prepare (exclude={exclude})")
     kwargs = {"symmetric": symmetric, "axis": axis, "group_size": group_size, "act_bits": act_bits,
               "act_group_size": act_group_size, "learn_scale": learn_scale}
-    for name, linear in targets:
-        _set_submodule(model, name, QATLinear.from_linear(linear, bits, **kwargs))
+    for name, linear in targets.items():
+        modules.replace(model, name, QATLinear.from_linear(linear, bits, **kwargs))
     return model
 
 
-def convert(model: nn.Module, *, return_qtensors: bool = False, drop_act_quant: bool = False):
+def convert(model: nn.Module, *, drop_act_quant: bool = False) -> nn.Module:
     """Replace every QATLinear (in place) by an nn.Linear whose weight is the quantized weight
-    (dequantized: values exactly on the grid, equal to the QAT forward's); return the model, or
-    (model, {name: QTensor}) with return_qtensors=True.
+    (dequantized: values exactly on the grid, equal to the QAT forward's, exact ties included: the
+    codes use its rounding rule); return the model. `model.quant_report.states` maps each converted
+    layer's name to its QTensor.
 
     An nn.Linear cannot quantize its input, so layers trained with act_bits raise unless
     drop_act_quant=True (their outputs then differ from the QAT forward by the activation rounding).
     """
+    from .model import LayerReport, QuantReport
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QATLinear)]
@@ -288,18 +295,15 @@ def convert(model: nn.Module, *, return_qtensors: bool = False, drop_act_quant: 
     if acts and not drop_act_quant:
         raise ValueError(f"layers {acts[:3]}{'...' if len(acts) > 3 else ''} fake-quantize their inputs, "
                          "which an nn.Linear cannot: pass drop_act_quant=True to keep only the weights")
-    qtensors: dict[str, QTensor] = {}
+    first = layers[0][1]
+    report = QuantReport("qat", first.bits, first.group_size)
     for name, layer in layers:
         qt = layer.to_qtensor()
         linear = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None,
                            device="meta", dtype=layer.weight.dtype)
         linear.weight = nn.Parameter(qt.dequantize(), requires_grad=layer.weight.requires_grad)
         linear.bias = layer.bias
-        _set_submodule(model, name, linear.train(layer.training))
-        qtensors[name] = qt
-    return (model, qtensors) if return_qtensors else model
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+        modules.replace(model, name, linear.train(layer.training))
+        report.layers.append(LayerReport(name, tuple(qt.shape), qt, 0.0))
+    model.quant_report = report
+    return model

@@ -11,7 +11,14 @@ asymmetric (min-max) grid with b bits (linear.py's formulas):
 
 or, with symmetric=True, scale = absmax / (2^(b-1) - 1), zero_point = 0.
 Storage: b bits per weight plus, per group, an fp16 scale and an fp16 zero point
-(b + 32 / group_size bits per parameter; symmetric: b + 16 / group_size).
+(b + 32 / group_size bits per parameter; symmetric: b + 16 / group_size). GPTQ and AWQ checkpoints pack
+their integer zero points in b bits instead: `dataclasses.replace(state, zero_point_bits=bits)` counts
+that (4 + 20/128 = 4.156 bits for 4-bit groups of 128).
+
+Every method here and in gptq/awq/hqq returns a `QTensor` (qlearn.quant.linear): `.dequantize()` is the
+weight the model computes with, `.bits_per_param()` what it costs. `check_args` is the validation they
+share (once per call, at the entry point); `_grid` and `_round` are the unchecked grid and rounding
+their inner loops use.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from torch import Tensor
 
 from . import linear
 
-__all__ = ["check_args", "fake_quantize", "minmax_params", "quantize_rtn"]
+__all__ = ["check_args", "quantize_rtn"]
 
 
 def check_args(w: Tensor, bits: int, group_size: int | None) -> None:
@@ -39,21 +46,39 @@ def check_args(w: Tensor, bits: int, group_size: int | None) -> None:
                          f"got {group_size!r}")
 
 
-def minmax_params(w: Tensor, bits: int, symmetric: bool = False) -> tuple[Tensor, Tensor]:
-    """Per-row `(scale, zero_point)`, each of shape (rows, 1), for a 2-D `w` (rows = groups)."""
-    return linear.compute_scale_zero_point(w, bits, symmetric, axis=0)
+def _qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
-def fake_quantize(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, symmetric: bool = False) -> Tensor:
-    """Quantize `w` on a given grid and dequantize (float32): scale * (codes - zero_point)."""
-    return linear.dequantize_codes(linear.quantize_codes(w, scale, zero_point, bits, symmetric), scale, zero_point)
+def _grid(w: Tensor, bits: int, symmetric: bool = False, clip_ratio: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Unchecked: per-row `(scale, zero_point)`, each (rows, 1), of a 2-D float32 `w` (rows = groups)."""
+    return linear._scale_zero_point(w, bits, symmetric, 2, 0, None, clip_ratio)
+
+
+def _round(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, symmetric: bool = False) -> Tensor:
+    """Unchecked: the float codes of `w` on a given grid (torch.quantize_per_tensor's rounding)."""
+    return linear._codes(w, scale, zero_point, *_qrange(bits, symmetric), "zero_point_first")
+
+
+def _state(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, group_size: int | None,
+           w: Tensor, **extra) -> linear.QTensor:
+    """A QTensor from float codes (rows, cols) and grids (rows, groups, 1); one group per row when
+    group_size is None (then stored per channel, axis 0)."""
+    rows, cols = w.shape
+    q = codes.to(torch.int8 if symmetric else torch.uint8)
+    if group_size is None:
+        scale, zero, axis = scale.reshape(rows, 1), zero.reshape(rows, 1), 0
+    else:
+        scale, zero, axis = scale.reshape(rows, cols // group_size, 1), zero.reshape(rows, cols // group_size, 1), None
+    return linear.QTensor(q, scale.float(), zero.float(), bits, symmetric, axis, group_size, w.shape, w.dtype,
+                          **extra)
 
 
 @torch.no_grad()
 def quantize_rtn(w: Tensor, bits: int, group_size: int | None = None, *, symmetric: bool = False,
-                 clip_ratio: float = 1.0) -> Tensor:
+                 clip_ratio: float = 1.0) -> linear.QTensor:
     """Round-to-nearest, per output row or per group of `group_size` input features; returns the
-    dequantized weight (w's shape and dtype). `clip_ratio` < 1 shrinks every grid's range."""
+    QTensor (`.dequantize()` gives w's shape and dtype). `clip_ratio` < 1 shrinks every grid's range."""
     check_args(w, bits, group_size)
     axis = 0 if group_size is None else None  # per output channel, or per group along the row
-    return linear.quantize(w, bits, symmetric, axis, group_size, clip_ratio).dequantize()
+    return linear.quantize(w, bits, symmetric, axis, group_size, clip_ratio)

@@ -61,24 +61,14 @@ def bits_per_param(code_bits: float, block_size: int | None = None, *, scale_bit
 
 
 class QuantState:
-    """Base of every quantized state: subclasses set `shape` and `dtype` and implement `_values()`
-    (float32, original shape) and `storage_bits()`; `granularity` and `bits` feed the repr."""
-
-    shape: torch.Size
-    dtype: torch.dtype
+    """Base of every quantized state. A subclass (usually a dataclass) has the attributes `shape`,
+    `dtype` and `bits` (bits per code) and a `granularity` string, and implements `_values()` (float32,
+    original shape or any shape with as many values) and `storage_bits()`."""
 
     def _values(self) -> Tensor:
         raise NotImplementedError
 
     def storage_bits(self) -> float:
-        raise NotImplementedError
-
-    @property
-    def granularity(self) -> str:
-        return ""
-
-    @property
-    def bits(self) -> float:
         raise NotImplementedError
 
     @property
