@@ -10,11 +10,13 @@ is a little higher than a sliding-window perplexity; it is the same protocol for
 the course, which is what comparisons need.
 
 The default text is data/val.txt, the shipped validation split of the course's corpus, which the
-embedded model never saw in training.
+embedded model never saw in training. Its windows are tokenized once per tokenizer and cached
+(`token_windows`), so evaluating many quantized variants costs only their forward passes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -28,9 +30,13 @@ def validation_text() -> str:
     return (data_dir() / "val.txt").read_text(encoding="utf-8")
 
 
+_WINDOWS: dict[tuple, torch.Tensor] = {}  # (tokenizer, text digest, seq_len, max_tokens) -> windows
+
+
 def token_windows(tokenizer, texts: list[str] | str | None = None, seq_len: int = 256,
                   max_tokens: int = 8192) -> torch.Tensor:
-    """The evaluation windows: a (num_windows, seq_len) tensor of token ids."""
+    """The evaluation windows: a (num_windows, seq_len) tensor of token ids (a fresh copy of the
+    cached tokenization: the same tokenizer, texts, seq_len and max_tokens are tokenized once)."""
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
     if not isinstance(max_tokens, int) or max_tokens < seq_len:
@@ -41,6 +47,14 @@ def token_windows(tokenizer, texts: list[str] | str | None = None, seq_len: int 
         texts = [texts]
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ValueError("texts must be None, a string or a non-empty list of strings")
+    digest = hashlib.sha1("\x00".join(texts).encode()).hexdigest()
+    key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer), digest, seq_len, max_tokens)
+    if key not in _WINDOWS:
+        _WINDOWS[key] = _tokenize(tokenizer, texts, seq_len, max_tokens)
+    return _WINDOWS[key].clone()
+
+
+def _tokenize(tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)  # no max-length warning: we cut windows
