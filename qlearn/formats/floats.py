@@ -1,4 +1,4 @@
-"""Floating-point and integer number formats, built from their bit fields.
+"""Floating-point and integer number formats, built from their bit fields (fp6 E2M3/E3M2 included).
 
 A float format with E exponent bits, M mantissa bits and exponent bias b stores a sign s, an exponent
 field e and a mantissa field m, and means
@@ -21,6 +21,13 @@ Special values and out-of-range inputs (as torch 2.13's own casts do, checked in
                                 Overflow and +-inf saturate to +-6 (the saturating conversion MX
                                 implementations use, e.g. MLX's fp4_e2m1); NaN input is an error.
                                 torch 2.13 has the dtype (float4_e2m1fn_x2) but no cast to it.
+    fp6_e2m3, fp6_e3m2 (OCP MX "FP6", FP6_FORMATS): like fp4_e2m1, every bit pattern is a number;
+                                max 7.5 (E2M3, bias 1) and 28 (E3M2, bias 3); overflow saturates, NaN
+                                is an error. torch has no dtype for them (torchao's MX code stores
+                                them in uint8: qlearn.formats.mx checks round_to against it).
+                                They are MX element formats, kept out of FLOAT_FORMATS (notebook 01's
+                                table of formats); round_to, encode, decode, bits, info and values
+                                accept them.
     int8, int4                  two's complement integers; `info` and `values` only (an integer
                                 grid needs a scale: see qlearn.quant.quantize).
 Inputs are converted to float32 first (exact for fp16/bf16/fp8 input; for float64 input that is the
@@ -37,6 +44,7 @@ import torch
 __all__ = [
     "FLOAT_FORMATS",
     "FORMATS",
+    "FP6_FORMATS",
     "INT_FORMATS",
     "FloatBits",
     "FormatInfo",
@@ -51,6 +59,8 @@ __all__ = [
 FLOAT_FORMATS = ("fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1")
 INT_FORMATS = ("int8", "int4")
 FORMATS = FLOAT_FORMATS + INT_FORMATS
+FP6_FORMATS = ("fp6_e2m3", "fp6_e3m2")  # MX element formats (module docstring)
+_FLOATS = FLOAT_FORMATS + FP6_FORMATS    # every float format round_to, encode and decode accept
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,7 @@ def _float_info(name, e_bits, m_bits, ieee, dtype):
         top, top_m = 2**e_bits - 2, 2**m_bits - 1
     elif name == "fp8_e4m3":  # only S.1111.111 is NaN: the top binade keeps mantissas 0..6
         top, top_m = 2**e_bits - 1, 2**m_bits - 2
-    else:  # fp4_e2m1: every bit pattern is a number
+    else:  # fp4_e2m1, fp6_e2m3, fp6_e3m2: every bit pattern is a number
         top, top_m = 2**e_bits - 1, 2**m_bits - 1
     largest = (1 + top_m / 2**m_bits) * 2.0 ** (top - bias)
     return FormatInfo(name, 1 + e_bits + m_bits, largest, -largest, 2.0**-m_bits, e_bits, m_bits, bias,
@@ -104,6 +114,8 @@ _INFO = {
     "fp8_e5m2": _float_info("fp8_e5m2", 5, 2, True, torch.float8_e5m2),
     # torch.float4_e2m1fn_x2 packs two values per byte and has no cast from float: nothing to compare with
     "fp4_e2m1": _float_info("fp4_e2m1", 2, 1, False, None),
+    "fp6_e2m3": _float_info("fp6_e2m3", 2, 3, False, None),
+    "fp6_e3m2": _float_info("fp6_e3m2", 3, 2, False, None),
     "int8": FormatInfo("int8", 8, 127.0, -128.0, 1.0, torch_dtype=torch.int8),
     "int4": FormatInfo("int4", 4, 7.0, -8.0, 1.0),
 }
@@ -116,8 +128,8 @@ def _check_fmt(fmt, allowed=FORMATS, why: str = "") -> FormatInfo:
 
 
 def info(fmt: str) -> FormatInfo:
-    """Max, min, eps, smallest normal/subnormal, field widths and bias of `fmt` (one of FORMATS)."""
-    return _check_fmt(fmt)
+    """Max, min, eps, smallest normal/subnormal, field widths and bias of `fmt` (FORMATS or FP6_FORMATS)."""
+    return _check_fmt(fmt, FORMATS + FP6_FORMATS)
 
 
 def _to_float32(x, name: str = "x") -> torch.Tensor:
@@ -143,12 +155,12 @@ def round_to(x: torch.Tensor | float, fmt: str) -> torch.Tensor:
     value = round_half_even(x / 2^(k - M)) * 2^(k - M), with k = max(exponent of x, 1 - bias);
     then overflow per the format (module docstring): +-inf for IEEE-style formats, +-max otherwise.
     """
-    spec = _check_fmt(fmt, FLOAT_FORMATS, " (integer formats need a scale: see qlearn.quant.quantize)")
+    spec = _check_fmt(fmt, _FLOATS, " (integer formats need a scale: see qlearn.quant.quantize)")
     x32 = _to_float32(x)
     if fmt == "fp32":
         return x32.clone()
-    if fmt == "fp4_e2m1" and torch.isnan(x32).any():
-        raise ValueError("x contains NaN, which fp4_e2m1 cannot represent (it has no NaN encoding)")
+    if not spec.has_nan and torch.isnan(x32).any():  # fp4_e2m1 and the fp6 formats
+        raise ValueError(f"x contains NaN, which {fmt} cannot represent (it has no NaN encoding)")
     # Step 1: the exponent k of each |x|, read from its float32 bit fields (bias 127; float32
     # subnormals have field 0, i.e. k = -127, below every target's smallest normal anyway).
     k = ((x32.view(torch.int32) >> 23) & 0xFF) - 127
@@ -159,7 +171,7 @@ def round_to(x: torch.Tensor | float, fmt: str) -> torch.Tensor:
     # Step 4: round to an integer multiple of ulp, ties to even (torch.round is round-half-even).
     # float64 keeps every step exact: x / ulp is a power-of-two rescaling of a float32.
     y = torch.round(x32.double() / ulp) * ulp
-    # Step 5: out of range. IEEE-style formats overflow to +-inf; E4M3 and E2M1 saturate to +-max.
+    # Step 5: out of range. IEEE-style formats overflow to +-inf; E4M3, E2M1 and FP6 saturate to +-max.
     if spec.overflow == "inf":
         y = torch.where(y.abs() > spec.max, torch.copysign(torch.tensor(math.inf, dtype=y.dtype), y), y)
     else:
@@ -177,7 +189,7 @@ def _fields(code: torch.Tensor, spec: FormatInfo):
 
 def decode(code: torch.Tensor | int, fmt: str) -> torch.Tensor:
     """The float32 values of integer bit patterns `code` of float format `fmt` (formula above)."""
-    spec = _check_fmt(fmt, FLOAT_FORMATS)
+    spec = _check_fmt(fmt, _FLOATS)
     if isinstance(code, int) and not isinstance(code, bool):
         code = torch.tensor(code)
     if not isinstance(code, torch.Tensor) or code.is_floating_point() or code.dtype == torch.bool:
@@ -202,7 +214,7 @@ def decode(code: torch.Tensor | int, fmt: str) -> torch.Tensor:
 
 def encode(x: torch.Tensor | float, fmt: str) -> torch.Tensor:
     """The bit patterns (int64) of `round_to(x, fmt)`: sign, exponent and mantissa fields packed."""
-    spec = _check_fmt(fmt, FLOAT_FORMATS)
+    spec = _check_fmt(fmt, _FLOATS)
     y = round_to(x, fmt)
     E, M, bias = spec.exponent_bits, spec.mantissa_bits, spec.bias
     a = y.abs().double()
@@ -225,7 +237,7 @@ def encode(x: torch.Tensor | float, fmt: str) -> torch.Tensor:
 
 def values(fmt: str) -> torch.Tensor:
     """Every finite value of a format of at most 8 bits, sorted, one zero, as a float32 tensor."""
-    small = ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "int8", "int4")
+    small = ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1", *FP6_FORMATS, "int8", "int4")
     spec = _check_fmt(fmt, small, " (formats of at most 8 bits)")
     if not spec.is_float:
         return torch.arange(int(spec.min), int(spec.max) + 1, dtype=torch.float32)
@@ -261,7 +273,7 @@ class FloatBits:
 
 def bits(x: torch.Tensor | float, fmt: str) -> FloatBits:
     """Sign, exponent and mantissa fields of the single value `x` rounded to float format `fmt`."""
-    spec = _check_fmt(fmt, FLOAT_FORMATS)
+    spec = _check_fmt(fmt, _FLOATS)
     x32 = _to_float32(x)
     if x32.numel() != 1:
         raise ValueError(f"x must hold a single value, got shape {tuple(x32.shape)}")
