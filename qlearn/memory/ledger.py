@@ -69,6 +69,29 @@ method="inference" (a prefill of batch x seq tokens with a KV cache) counts the 
 (2 L h_kv a per token), a block's working set a(2h + 3m) per token and the last position's logits;
 a rough guide, not checked against a measurement.
 
+Per GPU, with FSDP (`n_gpus=N, sharding="full"`, PyTorch's fully_shard, one unit per block and one for the
+rest): every rank computes on its own batch_size x seq_len tokens, so activations, logits and workspace
+are those of one GPU, undivided. What FSDP shards (every parameter, split along its first dimension) is
+divided by N:
+    weights      ceil(P / N) + Q      P: the parameters' bytes (4-bit codes packed in a float storage dtype
+                                      included); Q: the 4-bit formats' block scales and double-quantization
+                                      scales, which live in bitsandbytes' quant_state beside the parameter,
+                                      not in it, so every rank keeps all of them (NF4 + DQ: 0.127 of 4.127
+                                      bits per weight)
+    gradients    ceil(G / N)          reduce-scattered: each rank keeps the gradient of its shard
+    optimizer    ceil(S / N) + 4 t    the states of its shard; AdamW's step counters (t tensors) are not sharded
+    gathered     R + 2 B              the unsharded parameters FSDP all-gathers for compute: the root unit
+                                      (embeddings, final norm, head: R bytes, kept from the forward to the
+                                      backward) and two blocks (B bytes each: the one computing and the one
+                                      prefetched). Counted at N = 1 too: the all-gather output is a copy.
+    total        weights + optimizer + gathered + max(activations + max(logits, workspace), gradients)
+cpu_offload=True (FSDP's CPUOffloadPolicy) keeps the sharded parameters, their gradients and the optimizer
+(whose step then runs on the CPU) in CPU memory: they move from weights, gradients and optimizer to
+`offloaded` (CPU bytes per rank, not in total); the quant_state scales Q and the gathered units stay on
+the GPU. sharding="none" is one GPU's ledger on every rank (DDP; its gradient buckets are not counted).
+Not counted: NCCL's buffers and the CUDA context; FSDP's reduce-scatter buffers (a block's unsharded
+gradients, small for LoRA).
+
 """
 
 from __future__ import annotations
@@ -80,12 +103,13 @@ from typing import ClassVar
 from .bits import FLOAT_BITS, bits_per_param
 from .shapes import Shape, shape_of
 
-__all__ = ["ATTENTION", "LORA_TARGETS", "METHODS", "OPTIMIZERS", "Ledger", "estimate"]
+__all__ = ["ATTENTION", "LORA_TARGETS", "METHODS", "OPTIMIZERS", "SHARDING", "Ledger", "estimate"]
 
 METHODS = ("full", "freeze", "lora", "qlora", "inference")
 ATTENTION = ("fused", "math")
 OPTIMIZERS = ("adamw", "adamw_32bit", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHARDING = ("none", "full")
 
 
 @dataclass
@@ -104,11 +128,17 @@ class Ledger:
     logits: int  # the loss's fp32 buffers at the start of the backward pass
     workspace: int = 0  # backward pass of one block: gradient buffers (+ its recomputed activations)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    n_gpus: int = 1  # the ledger is per GPU (rank)
+    sharding: str = "none"  # "full": FSDP shards weights, gradients and optimizer states over n_gpus
+    cpu_offload: bool = False  # FSDP keeps the sharded parameters, gradients and optimizer on the CPU
+    gathered: int = 0  # FSDP's unsharded units at the peak: the root unit and two blocks
+    offloaded: int = 0  # CPU memory per rank with cpu_offload (not in total)
 
-    TERMS: ClassVar[tuple[str, ...]] = ("weights", "gradients", "optimizer", "activations", "logits",
+    TERMS: ClassVar[tuple[str, ...]] = ("weights", "gradients", "optimizer", "gathered", "activations", "logits",
                                         "workspace")
     COLORS: ClassVar[dict[str, str]] = {"weights": "#4c72b0", "gradients": "#dd8452", "optimizer": "#55a868",
-                                        "activations": "#c44e52", "logits": "#8172b3", "workspace": "#937860"}
+                                        "gathered": "#64b5cd", "activations": "#c44e52", "logits": "#8172b3",
+                                        "workspace": "#937860"}
 
     @property
     def gradients_at_peak(self) -> bool:
@@ -117,17 +147,19 @@ class Ledger:
 
     @property
     def total(self) -> int:
-        """weights + optimizer + max(activations + max(logits, workspace), gradients)."""
-        return self.weights + self.optimizer + max(self.activations + max(self.logits, self.workspace),
-                                                   self.gradients)
+        """weights + optimizer + gathered + max(activations + max(logits, workspace), gradients)."""
+        return self.weights + self.optimizer + self.gathered + max(
+            self.activations + max(self.logits, self.workspace), self.gradients)
 
     def at_peak(self) -> dict[str, int]:
         """The terms alive at the peak moment (they sum to `total`)."""
+        fixed = {"weights": self.weights, "optimizer": self.optimizer}
+        if self.sharding == "full":
+            fixed["gathered"] = self.gathered
         if self.gradients_at_peak:
-            return {"weights": self.weights, "optimizer": self.optimizer, "gradients": self.gradients}
+            return fixed | {"gradients": self.gradients}
         busy = "logits" if self.logits >= self.workspace else "workspace"
-        return {"weights": self.weights, "optimizer": self.optimizer, "activations": self.activations,
-                busy: getattr(self, busy)}
+        return fixed | {"activations": self.activations, busy: getattr(self, busy)}
 
     def as_dict(self) -> dict:
         return asdict(self) | {"total": self.total}
@@ -135,13 +167,20 @@ class Ledger:
     def __str__(self) -> str:
         unit, div = ("GB", 1e9) if self.total >= 1e9 else ("MB", 1e6)
         peak = self.at_peak()
+        per_gpu = "" if self.sharding == "none" and self.n_gpus == 1 else (
+            f", per GPU of {self.n_gpus} ({'FSDP full sharding' if self.sharding == 'full' else 'no sharding'}"
+            f"{', CPU offload' if self.cpu_offload else ''})")
         rows = [(f"{self.method}: {self.params / 1e6:,.1f}M params ({self.trainable / 1e6:,.2f}M trained), "
-                f"batch {self.batch_size} x seq {self.seq_len}")]
+                f"batch {self.batch_size} x seq {self.seq_len}{per_gpu}")]
         for term in self.TERMS:
+            if term == "gathered" and self.sharding == "none":
+                continue
             value = getattr(self, term)
             absent = "" if term in peak else "   (not at the peak)"
             rows.append(f"  {term:<12}{value / div:10.3f} {unit}{absent}")
         rows.append(f"  {'total (peak)':<12}{self.total / div:10.3f} {unit} = " + " + ".join(peak))
+        if self.cpu_offload:
+            rows.append(f"  {'CPU memory':<12}{self.offloaded / div:10.3f} {unit}   (offloaded, not in the total)")
         return "\n".join(rows + [f"  note: {n}" for n in self.notes])
 
     def _repr_pretty_(self, p, cycle):
@@ -206,7 +245,8 @@ def _optimizer_bytes(optimizer: str, tensors: list[tuple[int, int]], mixed_preci
 def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, optimizer: str = "adamw",
              weight_format: str | None = None, lora_r: int | None = None, grad_checkpointing: bool = False,
              mixed_precision: bool = False, double_quant: bool = True,
-             trainable_layers: int | None = None, attention: str = "fused") -> Ledger:
+             trainable_layers: int | None = None, attention: str = "fused", prepare_kbit: bool = True,
+             n_gpus: int = 1, sharding: str = "none", cpu_offload: bool = False) -> Ledger:
     """The memory ledger of one training step (or a forward pass) of a Llama-shaped model.
 
     model_or_config   a name in LLAMA_SHAPES ("llama-7b", ..., "tiny"), a transformers config or a model
@@ -220,6 +260,12 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
                       or "freeze" with "adamw")
     attention         "fused" (default) or "math" (the SDPA kernel CUDA runs for fp32 + grouped-query
                       attention; fp32 activations only: method "qlora" or weight_format "fp32")
+    prepare_kbit      "qlora" only: True (default) models peft.prepare_model_for_kbit_training (fp32
+                      embeddings, norms and head, fp32 residual stream); False keeps them and the
+                      activations in bf16, FSDP-QLoRA's recipe (bnb_4bit_quant_storage=bf16; TRL skips the
+                      prepare step when the 4-bit weights are to be sharded)
+    n_gpus, sharding  the ledger of one of n_gpus ranks: sharding "none" (each holds everything) or "full"
+                      (FSDP: module docstring); cpu_offload=True (sharding "full" only) moves the shards to the CPU
     """
     s = shape_of(model_or_config)
     if method not in METHODS:
@@ -254,10 +300,23 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
                          "weight_format 'bf16' or 'fp16' and optimizer 'adamw'")
     if method == "inference" and grad_checkpointing:
         raise ValueError("grad_checkpointing is for training methods, not 'inference'")
+    if not isinstance(prepare_kbit, bool) or (not prepare_kbit and method != "qlora"):
+        raise ValueError(f"prepare_kbit must be True or False, and False only for method='qlora', got {prepare_kbit!r}")
+    _check_int("n_gpus", n_gpus)
+    if sharding not in SHARDING:
+        raise ValueError(f"sharding must be one of {SHARDING}, got {sharding!r}")
+    if not isinstance(cpu_offload, bool) or (cpu_offload and sharding != "full"):
+        raise ValueError(f"cpu_offload must be True or False, and True needs sharding='full' (it is FSDP's "
+                         f"CPUOffloadPolicy), got cpu_offload={cpu_offload!r} with sharding={sharding!r}")
+    if sharding == "full" and (method == "inference" or fmt in ("int8", "llm.int8")):
+        raise ValueError("sharding='full' models FSDP training with float weights or 4-bit weights in a float "
+                         "storage dtype (nf4, fp4); LLM.int8 weights are int8, which FSDP does not shard, and "
+                         f"'inference' is not training: got method={method!r}, weight_format={fmt!r}")
 
     tokens = batch_size * seq_len
     h, L, V = s.hidden, s.layers, s.vocab
-    a = 4 if fmt == "fp32" or method == "qlora" else 2  # bytes of an activation
+    rest = 4 if method == "qlora" and prepare_kbit else 2  # bytes of a non-quantized weight of a 4/8-bit model
+    a = 4 if fmt == "fp32" or (method == "qlora" and prepare_kbit) else 2  # bytes of an activation
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
     if attention == "math" and (a != 4 or method == "inference"):
@@ -269,14 +328,22 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
     # Step 1: weights (4-bit/8-bit: block linear layers only, the rest 16-bit, or fp32 after QLoRA's prepare)
     lora = [] if lora_r is None else [(lora_r * n_in, 4) for _, n_in, _ in s.linears()] * L + \
         [(n_out * lora_r, 4) for _, _, n_out in s.linears()] * L
+    block_params = sum(s.block_tensors())
     if float_fmt:
         weights = s.params * FLOAT_BITS[fmt] // 8
+        scales = 0  # bytes outside the parameters (quant_state)
+        block = block_params * FLOAT_BITS[fmt] // 8
+        root = (s.params - L * block_params) * FLOAT_BITS[fmt] // 8
     else:
         qfmt = "llm.int8" if fmt == "int8" else fmt  # bitsandbytes' 8-bit loading: an fp32 scale per row
         row = [(n_in * n_out, n_in) for _, n_in, n_out in s.linears()]
         quant_bits = L * sum(n * bits_per_param(qfmt, 64, double_quant, row_length=r) for n, r in row)
-        weights = math.ceil(quant_bits / 8) + (s.params - s.linear_params) * (4 if method == "qlora" else 2)
+        weights = math.ceil(quant_bits / 8) + (s.params - s.linear_params) * rest
+        scales = math.ceil(quant_bits / 8) - s.linear_params // 2  # 4-bit: what is not the packed codes
+        block = (block_params - 2 * s.hidden) // 2 + 2 * s.hidden * rest
+        root = (s.params - L * block_params) * rest
     weights += sum(n * b for n, b in lora)
+    block += sum(n * b for n, b in lora) // L
 
     # Step 2: what the optimizer updates, and the gradients
     wb = FLOAT_BITS[fmt] // 8 if float_fmt else 2
@@ -289,8 +356,9 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
         trained = lora
     gradients = sum(n * b for n, b in trained)
 
-    # Step 3: optimizer states
-    optimizer_bytes = _optimizer_bytes(optimizer, trained, mixed_precision) if trained else 0
+    # Step 3: optimizer states (of each rank's shard of every trained tensor under full sharding)
+    shards = [(math.ceil(n / n_gpus), b) for n, b in trained] if sharding == "full" else trained
+    optimizer_bytes = _optimizer_bytes(optimizer, shards, mixed_precision) if trained else 0
     if optimizer.startswith("paged") and trained:
         notes.append("paged optimizer states live in CUDA unified memory: "
                      "not in torch.cuda.max_memory_allocated")
@@ -318,6 +386,20 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
             saved = trained_blocks * per_block - first_norm + head
         activations = saved * tokens
         logits = 12 * V * tokens
+
+    # Step 5: per rank under FSDP: shards of the parameters and gradients, the unsharded units it gathers
+    gathered = offloaded = 0
+    if sharding == "full":
+        weights = math.ceil((weights - scales) / n_gpus) + scales
+        gradients = sum(n * b for n, b in shards)
+        gathered = root + 2 * block
+        if scales:
+            notes.append(f"the 4-bit scales ({scales / 1e6:,.1f} MB) are in bitsandbytes' quant_state, not in "
+                         "the parameters FSDP shards: every rank holds all of them")
+        if cpu_offload:
+            offloaded = weights - scales + gradients + optimizer_bytes
+            weights, gradients, optimizer_bytes = scales, 0, 0
     return Ledger(method, batch_size, seq_len, s.params, sum(n for n, _ in trained), weights, gradients,
-                  optimizer_bytes, activations, logits, workspace, tuple(notes))
+                  optimizer_bytes, activations, logits, workspace, tuple(notes), n_gpus, sharding, cpu_offload,
+                  gathered, offloaded)
 
