@@ -22,6 +22,12 @@ float-sensitive number across CPUs, measured once and stated where it is used).
 
 `plot_spreads` draws means with their min..max range. Sweeps too slow for a notebook are run by a
 script in benchmarks/ that writes `record(...)`'s JSON; the notebook reads it with `load_record`.
+
+Printing (the course's output convention): a number whose last digits depend on the machine (after
+training, a calibrated search, float accumulation) is printed with a leading "~", e.g. "~83%". The
+tests' sanitizer (tests/sanitize.cfg) masks "~<number>", so committed notebook outputs re-check on any
+CPU, while the assert beside the print guards the claim with a tolerance that carries the numbers.
+`approx(x)` formats one such number; Spread and Verdict print theirs that way.
 """
 
 from __future__ import annotations
@@ -33,7 +39,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Spread", "Verdict", "load_record", "over", "plot_spreads", "record", "verdict"]
+__all__ = ["Spread", "Verdict", "approx", "load_record", "over", "plot_spreads", "record", "verdict"]
+
+
+def approx(x: float, spec: str = ".2f", percent: bool = False) -> str:
+    """'~16.09' (or '~83%' with percent=True, x in [0, 1]): a float-sensitive number, marked as such."""
+    if percent:
+        return f"~{100 * x:{'.0f' if spec == '.2f' else spec}}%"
+    return f"~{x:{spec}}"
 
 
 @dataclass(frozen=True)
@@ -74,14 +87,10 @@ class Spread:
         return self.hi - self.lo
 
     def format(self, digits: int = 2) -> str:
-        """'83% (80..86%, 3 seeds)' or '16.09 (15.97..16.21, 3 draws)'."""
-        if self.percent:
-            f = lambda v: f"{100 * v:.{max(0, digits - 2)}f}"
-            core, unit = f"{f(self.mean)}%", "%"
-        else:
-            f = lambda v: f"{v:.{digits}f}"
-            core, unit = f(self.mean), ""
-        return f"{core} ({f(self.lo)}..{f(self.hi)}{unit}, {self.n} runs)"
+        """'~83% (~80..~86%, 3 runs)' or '~16.09 (~15.97..~16.21, 3 runs)' ("~": see the module docstring)."""
+        spec = f".{max(0, digits - 2)}f" if self.percent else f".{digits}f"
+        f = lambda v: approx(v, spec, self.percent)  # noqa: E731
+        return f"{f(self.mean)} ({f(self.lo)}..{f(self.hi)}, {self.n} runs)"
 
     def __str__(self) -> str:
         return (f"{self.label} " if self.label else "") + self.format()
@@ -125,7 +134,7 @@ def verdict(a: Spread, b: Spread, *, higher_is_better: bool = True, margin: floa
     gap = sign * (a.mean - b.mean)
     a_over_b = sign * (a.lo - b.hi) if higher_is_better else sign * (a.hi - b.lo)
     b_over_a = sign * (b.lo - a.hi) if higher_is_better else sign * (b.hi - a.lo)
-    fmt = (lambda v: f"{100 * v:.0f} points") if a.percent else (lambda v: f"{v:.3g}")
+    fmt = (lambda v: f"~{100 * v:.0f} points") if a.percent else (lambda v: f"~{v:.3g}")  # noqa: E731
     if a_over_b > margin:
         return Verdict(name_a, gap, a_over_b, f"{name_a} beats {name_b} by {fmt(abs(gap))} "
                        f"(every run of {name_a} better than every run of {name_b})")
