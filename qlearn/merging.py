@@ -1,6 +1,6 @@
 """Merging LoRA adapters: into a quantized base (and what re-quantization erases), several adapters into one.
 
-One adapter on one layer (notebook 05, `qlearn.lora`): dW = scaling * B @ A and W' = W + dW.
+One adapter on one layer (notebook 06, `qlearn.lora`): dW = scaling * B @ A and W' = W + dW.
 
 Into a 4-bit base. A 4-bit layer stores codes and block scales, not W, so merging means
 
@@ -26,6 +26,19 @@ Several adapters on one base (peft's `add_weighted_adapter`, each adapter i with
               B' A' = sum_i w_i s_i B_i A_i + sum_{i != j} sqrt(w_i s_i w_j s_j) B_i A_j   (cross terms)
 
 `combine_adapters` computes both from scratch (equal to peft's, tests/test_merging.py).
+
+LoRA merged into a 4-bit base, on a whole model: `merge_lora_requantized` replaces every LoRALinear by
+quantize(W_hat + s B A) in the base's format (NF4/FP4 blocks or RTN integer groups), the re-quantization
+above; QA-LoRA (qlearn.qalora) is the merge that keeps every code.
+
+Several adapters in ONE batch, unmerged (peft's mixed-batch inference, `adapter_names=[...]`, one per row):
+
+    h_i = W x_i + s_a B_a A_a x_i          a = adapter_names[i]  ("__base__": no adapter)
+
+The base product runs once for the whole batch; each adapter's rows go through its own A and B.
+`mixed_batch_logits` / `mixed_batch_answers` serve two tasks in one batch; with separately=True they run
+one batch per adapter instead (serving without mixed batches), and the two agree. Merging gives this up:
+a merged model holds one adapter in its weights, and every row gets that one.
 """
 
 from __future__ import annotations
@@ -34,15 +47,18 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from . import modules
 from .quant import nf4
 
-__all__ = ["COMBINATIONS", "QUANT_TYPES", "Requantization", "RequantizationReport", "combine_adapters",
+__all__ = ["COMBINATIONS", "QUANT_TYPES", "REQUANTIZE_METHODS", "Requantization", "RequantizationReport",
+           "combine_adapters", "merge_lora_requantized", "mixed_batch_answers", "mixed_batch_logits",
            "requantization_report", "requantize"]
 
 QUANT_TYPES = ("nf4", "fp4")
 COMBINATIONS = ("cat", "linear")
+REQUANTIZE_METHODS = ("nf4", "fp4", "rtn")
 
 
 @dataclass
@@ -188,3 +204,113 @@ def combine_adapters(As: list[Tensor], Bs: list[Tensor], scalings: list[float], 
     A = sum(sign * root * A for A, root, sign in zip(As, roots, signs))  # (r, in)
     B = sum(root * B for B, root in zip(Bs, roots))  # (out, r)
     return A, B
+
+
+@torch.no_grad()
+def merge_lora_requantized(model: nn.Module, method: str = "nf4", bits: int = 4,
+                           group_size: int = 64) -> nn.Module:
+    """Replace every qlearn LoRALinear by an nn.Linear holding dequantize(quantize(W_hat + s B A)): LoRA
+    merged into a 4-bit base (simulated, as quantize_model keeps weights). method "nf4"/"fp4": blocks of
+    `group_size` (bits must be 4; peft's Linear4bit.merge, without double quantization); "rtn": `bits`-bit
+    asymmetric integer groups of `group_size`, RTN's grid. In place, returns the model."""
+    from .lora import lora_layers
+    from .quant import quantize
+
+    if method not in REQUANTIZE_METHODS:
+        raise ValueError(f"method must be one of {REQUANTIZE_METHODS}, got {method!r}")
+    if method != "rtn" and bits != 4:
+        raise ValueError(f"{method} is a 4-bit code book: bits must be 4, got {bits!r}")
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model holds no LoRALinear layer: call qlearn.lora.apply_lora first")
+    for name, layer in layers.items():
+        merged = layer.merge()  # an nn.Linear holding W_hat + s B A (the base's dtype)
+        w = merged.weight
+        if method == "rtn":
+            state = quantize(w, bits, symmetric=False, group_size=group_size)
+        else:
+            state = (nf4.quantize_nf4 if method == "nf4" else nf4.quantize_fp4)(w, group_size)
+        w.copy_(state.dequantize())
+        modules.replace(model, name, merged)
+    return model
+
+
+def _check_serving(model, n_rows: int, adapter_names) -> list[str]:
+    names = list(adapter_names) if isinstance(adapter_names, (list, tuple)) else None
+    if names is None or len(names) != n_rows or not all(isinstance(a, str) for a in names):
+        raise ValueError(f"adapter_names must be a list of {n_rows} adapter names, one per row, got "
+                         f"{adapter_names!r}")
+    known = set(getattr(model, "peft_config", {})) | {"__base__"}
+    if not set(names) <= known:
+        raise ValueError(f"adapter_names holds {sorted(set(names) - known)}, not adapters of the model; "
+                         f"it has {sorted(known)}")
+    return names
+
+
+def _each_adapter(model, names: list[str]):
+    """Yield the rows of each adapter in turn with that adapter active ("__base__": adapters off), then
+    make the adapter that was active before active again."""
+    active = model.active_adapter
+    try:
+        for adapter in dict.fromkeys(names):  # first-seen order
+            rows = [i for i, a in enumerate(names) if a == adapter]
+            if adapter == "__base__":
+                with model.disable_adapter():
+                    yield rows
+            else:
+                model.set_adapter(adapter)
+                yield rows
+    finally:
+        model.set_adapter(active)
+
+
+@torch.no_grad()
+def mixed_batch_logits(model, batch: dict[str, Tensor], adapter_names, *, separately: bool = False) -> Tensor:
+    """Logits (B, T, vocab) of a PEFT `model` in which row i goes through adapter `adapter_names[i]`:
+    one forward with peft's `adapter_names=` (default), or one forward per adapter on its rows."""
+    names = _check_serving(model, batch["input_ids"].shape[0], adapter_names)
+    was_training = model.training
+    model.eval()  # peft refuses adapter_names in training mode
+    try:
+        if not separately:
+            return model(**batch, adapter_names=names).logits
+        logits = None
+        for rows in _each_adapter(model, names):
+            part = model(**{k: v[rows] for k, v in batch.items()}).logits  # (len(rows), T, vocab)
+            logits = part.new_zeros(len(names), *part.shape[1:]) if logits is None else logits
+            logits[rows] = part
+        return logits
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def mixed_batch_answers(model, tokenizer, prompts: list[str], adapter_names, *, separately: bool = False,
+                        max_new_tokens: int = 40) -> list[str]:
+    """Greedy answers of a PEFT `model` (cut at end-of-text or a newline, as qlearn.tasks.generate), prompt
+    i through adapter `adapter_names[i]`: all in one batch with peft's `adapter_names=` (default), or one
+    batch per adapter, put back in the prompts' order."""
+    names = _check_serving(model, len(prompts), adapter_names)
+    device = next(model.parameters()).device
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # so every prompt ends where generation starts
+
+    def generate(texts: list[str], **kwargs) -> list[str]:
+        enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, **kwargs,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        return [tokenizer.decode(row, skip_special_tokens=True).split("\n")[0]
+                for row in out[:, enc.input_ids.shape[1]:]]
+
+    try:
+        if not separately:
+            return generate(list(prompts), adapter_names=names)
+        answers = [""] * len(prompts)
+        for rows in _each_adapter(model, names):
+            for i, text in zip(rows, generate([prompts[i] for i in rows]), strict=True):
+                answers[i] = text
+        return answers
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)

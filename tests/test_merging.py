@@ -1,5 +1,6 @@
-"""qlearn.merging: re-quantization after a merge (against peft's 4-bit merge), combining adapters (against
-peft's add_weighted_adapter), errors."""
+"""qlearn.merging: re-quantization after a merge (against peft's 4-bit merge), LoRA merged into 4 bits on a
+model, combining adapters (against peft's add_weighted_adapter), several adapters in one batch (peft's
+mixed-batch inference against one run per adapter), errors."""
 
 import copy
 import logging
@@ -9,8 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from qlearn.merging import combine_adapters, requantization_report, requantize
-from qlearn.quant import nf4
+from qlearn.lora import apply_lora, lora_layers
+from qlearn.merging import (
+    combine_adapters,
+    merge_lora_requantized,
+    mixed_batch_answers,
+    mixed_batch_logits,
+    requantization_report,
+    requantize,
+)
+from qlearn.paths import data_dir
+from qlearn.quant import nf4, quantize
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU backend notes about optional kernels
 bnb = pytest.importorskip("bitsandbytes")
@@ -167,3 +177,91 @@ def test_errors_name_the_parameter():
         combine_adapters([A, torch.zeros(4, 9)], [B, B], [1.0, 1.0], [1.0, 1.0])
     with pytest.raises(ValueError, match="needs adapters of equal rank"):
         combine_adapters([A, torch.zeros(2, 8)], [B, torch.zeros(6, 2)], [1.0, 1.0], [1.0, 1.0], "linear")
+
+
+def _tiny_llama(vocab=64, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("method", ["rtn", "nf4"])
+def test_merge_lora_requantized_requantizes_the_merged_weight(method):
+    model = apply_lora(_tiny_llama(), ["q_proj", "down_proj"], r=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    for layer in lora_layers(model).values():  # B = 0 would make the test pass trivially
+        layer.B.data = torch.randn(layer.B.shape, generator=g) * 0.05
+    merged = {name: layer.merged_weight() for name, layer in lora_layers(model).items()}
+    assert merge_lora_requantized(model, method, 4, 32) is model and not lora_layers(model)
+    for name, w in merged.items():
+        layer = model.get_submodule(name)
+        assert type(layer) is nn.Linear
+        expected = (quantize(w, 4, symmetric=False, group_size=32) if method == "rtn"
+                    else nf4.quantize_nf4(w, 32)).dequantize()
+        assert torch.equal(layer.weight, expected)  # quantize(W + s B A), the same function on the same input
+
+
+def test_merge_lora_requantized_errors():
+    with pytest.raises(ValueError, match="method must be one of"):
+        merge_lora_requantized(_tiny_llama(), "gptq")
+    with pytest.raises(ValueError, match="nf4 is a 4-bit code book: bits must be 4"):
+        merge_lora_requantized(_tiny_llama(), "nf4", bits=3)
+    with pytest.raises(ValueError, match="holds no LoRALinear"):
+        merge_lora_requantized(_tiny_llama())
+
+
+@pytest.fixture(scope="module")
+def two_tasks():
+    """A PEFT model with two adapters, "one" and "two", with random B (so they differ from each other and from
+    the base), the course's tokenizer and prompts of the two tasks."""
+    from transformers import AutoTokenizer
+
+    from qlearn import tasks
+
+    tok = AutoTokenizer.from_pretrained(data_dir() / "tiny")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    model = peft.get_peft_model(_tiny_llama(len(tok)), peft.LoraConfig(**cfg), adapter_name="one")
+    model.add_adapter("two", peft.LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    prompts = [ex["prompt"] for name in tasks.TASKS for ex in tasks.load(name).test[:3]]
+    return model.eval(), tok, prompts
+
+
+def test_mixed_batch_logits_equal_one_run_per_adapter(two_tasks):
+    model, tok, prompts = two_tasks
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    names = ["one", "two", "__base__", "two", "one", "one"]
+    mixed = mixed_batch_logits(model, batch, names)
+    separate = mixed_batch_logits(model, batch, names, separately=True)
+    assert model.active_adapter == "one"  # restored after the separate runs
+    # the same products on sub-batches of other sizes: float32 sums that may be blocked differently
+    torch.testing.assert_close(mixed, separate, atol=1e-5, rtol=1e-5)
+    with model.disable_adapter():
+        assert torch.allclose(mixed[2], model(**batch).logits[2], atol=1e-5)  # "__base__": the base alone
+    # the adapters are different: a row served by the wrong adapter would show it
+    assert (mixed[0] - mixed_batch_logits(model, batch, ["two"] * 6)[0]).abs().max() > 0.1
+
+
+def test_two_tasks_answered_in_one_batch_as_in_separate_runs(two_tasks):
+    model, tok, prompts = two_tasks
+    names = ["one"] * 3 + ["two"] * 3  # the first task's prompts to adapter one, the second's to two
+    together = mixed_batch_answers(model, tok, prompts, names, max_new_tokens=8)
+    apart = mixed_batch_answers(model, tok, prompts, names, separately=True, max_new_tokens=8)
+    assert together == apart and len(together) == 6
+    assert together != mixed_batch_answers(model, tok, prompts, ["one"] * 6, max_new_tokens=8)
+
+
+def test_mixed_batch_errors(two_tasks):
+    model, tok, prompts = two_tasks
+    batch = tok(prompts[:2], return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="adapter_names must be a list of 2 adapter names"):
+        mixed_batch_logits(model, batch, ["one"])
+    with pytest.raises(ValueError, match=r"adapter_names holds \['three'\], not adapters of the model"):
+        mixed_batch_answers(model, tok, prompts[:2], ["one", "three"])
