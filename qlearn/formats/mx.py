@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from ..quant.state import QuantState, storage_bits
-from .floats import _pow2, decode, encode, info
+from .floats import _pow2, decode, encode, info, round_to
 
 __all__ = ["MX_EMAX", "SCALE_RULES", "MXState", "mx_clipped", "quantize_mx", "quantize_nvfp4", "shared_exponent",
            "torchao_available", "torchao_mx", "torchao_nvfp4"]
@@ -89,6 +89,17 @@ def _check_x(x, block_size: int, name: str = "x") -> None:
 def _check_elem(elem: str) -> None:
     if elem not in MX_EMAX:
         raise ValueError(f"elem must be one of {tuple(MX_EMAX)}, got {elem!r}")
+
+
+@functools.cache
+def _table(fmt: str) -> Tensor:
+    """decode() of every bit pattern of `fmt` (at most 8 bits), so that decoding is one gather."""
+    return decode(torch.arange(2 ** info(fmt).bits), fmt)
+
+
+def decode_codes(codes: Tensor, fmt: str) -> Tensor:
+    """floats.decode(codes, fmt) for uint8 codes, by table lookup (the same float32 values)."""
+    return _table(fmt).to(codes.device)[codes.long()]
 
 
 def _blocks(x: Tensor, block_size: int) -> Tensor:
@@ -152,11 +163,11 @@ class MXState(QuantState):
         E8M0; t · s_b (one float32 rounding, as torchao) for NVFP4."""
         if self.scale_format == "e8m0":
             return _pow2(self.scales.to(torch.int32) - E8M0_BIAS).float()
-        s = decode(self.scales, "fp8_e4m3")
+        s = decode_codes(self.scales, "fp8_e4m3")
         return s if self.tensor_scale is None else self.tensor_scale * s
 
     def _values(self) -> Tensor:
-        q = decode(self.codes, self.elem)  # exact element values, float32
+        q = decode_codes(self.codes, self.elem)  # exact element values, float32
         q = q.reshape(*self.shape[:-1], self.shape[-1] // self.block_size, self.block_size)  # (..., nb, B)
         return q * self.scale_values().unsqueeze(-1)
 
@@ -222,7 +233,7 @@ def quantize_nvfp4(x: Tensor, per_tensor_scale: bool | float = True, *, block_si
                              f"and torchao then saturates every element); use per_tensor_scale=False")
         s = s / t
     # Step 2: the block scales in E4M3 (kept normal: at least 2^-6).
-    s8 = decode(encode(s.clamp(E4M3_TINY, E4M3_MAX), "fp8_e4m3"), "fp8_e4m3")
+    s8 = round_to(s.clamp(E4M3_TINY, E4M3_MAX), "fp8_e4m3")
     # Step 3: elements times the reciprocal of the combined scale (torchao's order), saturated, rounded.
     r = (1.0 / t) / s8 if t is not None and not zero else 1.0 / s8
     y = (blocks * r.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX)
