@@ -50,11 +50,99 @@ def test_an_optional_failure_warns_without_failing_the_report():
     assert not ok and "FAIL  peft" in text and "      fix: pip install peft" in text
 
 
-def test_lab_opens_jupyterlab_on_the_notebooks(monkeypatch):
+def serve_nothing(monkeypatch, root=False):
+    """Record the JupyterLab command instead of starting it; `root`: run as root or not."""
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(cli, "_serve", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(cli, "_is_root", lambda: root)
+    return calls
+
+
+def test_lab_opens_jupyterlab_on_the_notebooks(monkeypatch, capsys):
+    calls = serve_nothing(monkeypatch)
     assert cli.main(["lab"]) == 0
     assert calls == [[sys.executable, "-m", "jupyterlab", f"--notebook-dir={notebooks_dir()}"]]
+    assert capsys.readouterr().err == ""
+
+
+def test_lab_passes_unknown_options_to_jupyterlab_in_order(monkeypatch):
+    calls = serve_nothing(monkeypatch)
+    assert cli.main(["lab", "--no-browser", "--port", "8899", "--notebook-dir", "nb", "--", "--ip=0.0.0.0"]) == 0
+    assert calls == [[sys.executable, "-m", "jupyterlab", "--notebook-dir=nb", "--no-browser", "--port", "8899",
+                      "--ip=0.0.0.0"]]
+
+
+def test_lab_as_root_passes_allow_root_and_says_so_in_one_line(monkeypatch, capsys):
+    calls = serve_nothing(monkeypatch, root=True)
+    assert cli.main(["lab", "--no-browser"]) == 0
+    assert calls[0][-2:] == ["--no-browser", "--allow-root"]
+    assert capsys.readouterr().err == "qlearn lab: running as root (as in a container), so passing --allow-root to JupyterLab\n"
+    assert cli.main(["lab", "--allow-root"]) == 0  # given already: not twice, nothing said
+    assert calls[1].count("--allow-root") == 1 and capsys.readouterr().err == ""
+
+
+def test_lab_help_documents_the_pass_through_and_root(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["lab", "-h"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "qlearn lab --no-browser --port 8899" in out and "--allow-root" in out and "JUPYTERLAB OPTION" in out
+
+
+def test_other_commands_reject_options_they_do_not_know(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["doctor", "--no-browser"])
+    assert stop.value.code == 2 and "unrecognized arguments: --no-browser" in capsys.readouterr().err
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="stops the server with SIGTERM (POSIX)")
+def test_lab_serves_http_and_stops_on_sigterm(tmp_path):
+    """`qlearn lab --no-browser --port P` answers /api/status within 120 s; SIGTERM to qlearn stops
+    JupyterLab too (the port closes) and qlearn exits 0. About 5-10 s on the 2-core machine."""
+    import json
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    port, token = _free_port(), "qlearn-test-token"
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"))
+    cmd = [sys.executable, "-m", "qlearn.course.cli", "lab", "--no-browser", "--port", str(port), "--ip", "127.0.0.1",
+           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", "--notebook-dir", str(tmp_path)]
+    log = tmp_path / "lab.log"
+    with open(log, "w") as out:
+        lab = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api/status"
+    request = urllib.request.Request(url, headers={"Authorization": f"token {token}"})
+    try:
+        deadline, status = time.monotonic() + 120, None
+        while status is None and time.monotonic() < deadline and lab.poll() is None:
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    status = json.load(response)
+            except OSError:
+                time.sleep(0.3)
+        assert status is not None, f"no answer on {url}:\n{log.read_text()[-3000:]}"
+        assert {"started", "kernels"} <= status.keys()
+        if os.geteuid() == 0:
+            assert "passing --allow-root to JupyterLab" in log.read_text()
+        lab.send_signal(signal.SIGTERM)
+        assert lab.wait(timeout=60) == 0, log.read_text()[-3000:]
+        with pytest.raises(OSError):  # JupyterLab went with it: nothing listens on the port any more
+            urllib.request.urlopen(request, timeout=2)
+    finally:
+        if lab.poll() is None:
+            os.killpg(lab.pid, signal.SIGKILL)  # the group this test started: qlearn and its JupyterLab
+            lab.wait()
 
 
 def test_lab_names_the_extra_when_jupyterlab_is_missing(monkeypatch, capsys):
@@ -87,7 +175,6 @@ def test_run_write_refreshes_outputs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("missing.ipynb", None, "no such notebook: "),
     ("broken.ipynb", "{ not json", "cannot read "),
     ("notes.txt", "hello", "not a notebook: "),
 ])
@@ -98,8 +185,7 @@ def test_run_rejects_missing_and_malformed_notebooks(tmp_path, capsys, name, con
     assert cli.main(["run", "--quiet", "--write", str(path)]) == 1
     out, err = capsys.readouterr()
     assert f"{path}: invalid: {message}{path}" in err and f"{name}  invalid" in out
-    if content is not None:
-        assert path.read_text() == content  # nothing overwritten
+    assert path.read_text() == content  # nothing overwritten
 
 
 def test_run_on_an_empty_folder_fails(tmp_path, capsys):
@@ -128,13 +214,14 @@ def fake_run(name, status="passed", error=""):
     ([("PASSED", "")], False, 0),
     ([("PASSED", ""), ("NOT ATTEMPTED", "stub")], False, 1),
     ([("PASSED", ""), ("NOT ATTEMPTED", "stub")], True, 0),
-    ([("FAILED", "expected 42, got 23 Hint: multiply by two")], True, 1),
+    ([("FAILED", "expected 42, got 23. Hint: multiply by two")], True, 1),
     ([], True, 1),  # no checker printed anything: nothing was checked
 ])
-def test_exercises_check_exit_status(monkeypatch, capsys, results, allow_missing, code):
+def test_exercises_check_exit_status(tmp_path, monkeypatch, capsys, results, allow_missing, code):
     runs = [(fake_run("02_x.ipynb"), [ExerciseResult(s, f"2.{i}", "a title", m) for i, (s, m) in enumerate(results)])]
-    monkeypatch.setattr(exercises, "check", lambda dirs, timeout: runs)
-    assert cli.main(["exercises", "check", *(["--allow-missing"] * allow_missing), "learner"]) == code
+    monkeypatch.setattr(exercises, "check", lambda paths, timeout, run: runs)
+    (tmp_path / "02_x.ipynb").write_text("{}")
+    assert cli.main(["exercises", "check", *(["--allow-missing"] * allow_missing), str(tmp_path)]) == code
     out = capsys.readouterr().out
     for i, (status, message) in enumerate(results):
         assert f"02_x.ipynb  2.{i}       {status}" in out
@@ -142,13 +229,42 @@ def test_exercises_check_exit_status(monkeypatch, capsys, results, allow_missing
             assert f"FAILED 02_x.ipynb 2.{i} a title: {message}" in out
 
 
-def test_exercises_check_fails_when_a_notebook_cannot_run(monkeypatch, capsys):
+def test_exercises_check_fails_when_a_notebook_cannot_run(tmp_path, monkeypatch, capsys):
     runs = [(fake_run("03_y.ipynb", "failed", "cell 4: KeyError: 'w'"), [ExerciseResult("PASSED", "3.1", "t")])]
-    monkeypatch.setattr(exercises, "check", lambda dirs, timeout: runs)
-    assert cli.main(["exercises", "check", "--allow-missing", "learner"]) == 1
+    monkeypatch.setattr(exercises, "check", lambda paths, timeout, run: runs)
+    (tmp_path / "03_y.ipynb").write_text("{}")
+    assert cli.main(["exercises", "check", "--allow-missing", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "03_y.ipynb  -         notebook failed  cell 4: KeyError: 'w'" in out
+    assert "FAILED 03_y.ipynb (the notebook stopped): cell 4: KeyError: 'w'" in out
     assert "1 passed, 0 failed, 0 not attempted; 1 notebook failed to run" in out
+
+
+def test_exercises_check_shows_the_asserts_message_or_the_failing_line(tmp_path, capsys):
+    write_notebook(tmp_path / "01_said.ipynb", "ppl = 12.9", "assert ppl < 12.5, f'perplexity {ppl} is not below 12.5'")
+    write_notebook(tmp_path / "02_bare.ipynb", "md:# a claim", "x = 2\nassert x == 3\nprint(x)")
+    assert cli.main(["exercises", "check", "--quiet", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED 01_said.ipynb (the notebook stopped): cell 1: AssertionError: perplexity 12.9 is not below 12.5" in out
+    assert "FAILED 02_bare.ipynb (the notebook stopped): cell 1: AssertionError at line 2: assert x == 3" in out
+
+
+def test_exercises_check_draws_a_progress_bar_per_notebook(tmp_path, capsys):
+    write_notebook(tmp_path / "09_demo.ipynb", EXERCISE_HEADING, EXERCISE, CHECKER, LATER)
+    write_notebook(tmp_path / "10_more.ipynb", "x = 1", "")  # an empty cell is not counted
+    assert cli.main(["exercises", "check", str(tmp_path)]) == 0  # 09 passes; 10_more has no exercise
+    err = capsys.readouterr().err
+    assert "09_demo.ipynb: 100%" in err and "| 3/3 cells [" in err
+    assert "10_more.ipynb: 100%" in err and "| 1/1 cells [" in err
+
+
+@pytest.mark.parametrize("argv", [["exercises", "check"], ["exercises", "build"], ["run"]])
+def test_a_missing_notebook_is_a_usage_error_said_before_anything_runs(tmp_path, capsys, argv):
+    real = write_notebook(tmp_path / "real.ipynb", "print(1)")
+    missing = tmp_path / "nowhere" / "09_gone.ipynb"
+    assert cli.main([*argv, str(real), str(missing)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"qlearn {' '.join(argv)}: no such notebook or folder: {missing}\n" and out == ""  # no bar, no table
 
 
 def test_exercises_build_errors_are_reported_not_raised(tmp_path, capsys):

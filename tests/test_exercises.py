@@ -105,7 +105,7 @@ def test_a_wrong_answer_is_failed_with_the_checkers_hint(tmp_path):
     write_notebook(tmp_path / "w.ipynb", WRONG, CHECKER, LATER)
     [(run, [result])] = exercises.check([str(tmp_path)])
     assert run.ok and result.status == "FAILED"
-    assert result.message == "double(21): expected 42, got 23 Hint: multiply by two"
+    assert result.message == "double(21): expected 42, got 23. Hint: multiply by two"
 
 
 def test_check_results_parses_every_status_line(capsys):
@@ -119,9 +119,19 @@ def test_check_results_parses_every_status_line(capsys):
     nb.cells = [nbformat.v4.new_code_cell("", outputs=[nbformat.v4.new_output("stream", name="stdout", text=text)])]
     got = [(r.status, r.number, r.title, r.message) for r in exercises.check_results(nb)]
     assert got == [("PASSED", "2.3", "round half to even", ""),
-                   ("FAILED", "2.3", "round half to even", "x: expected 2, got 1 Hint: h"),
+                   ("FAILED", "2.3", "round half to even", "x: expected 2, got 1. Hint: h"),
                    ("NOT ATTEMPTED", "2.3", "round half to even",
                     "the stub still raises NotImplementedError; the rest of the notebook runs on")]
+
+
+def test_a_hint_follows_the_message_after_one_full_stop():
+    for message, shown in (("got 1e+09", "got 1e+09. Hint: h"), ("too small.", "too small. Hint: h")):
+        with exercise("0.1", "t") as ex:
+            ex.fail(message, hint="h")
+        assert ex.result.message == shown
+    with exercise("0.1", "t") as ex:
+        ex.fail("no hint")
+    assert ex.result.message == "no hint"
 
 
 def test_a_learner_copy_of_a_course_notebook_runs_to_the_end_with_every_exercise_not_attempted(tmp_path):

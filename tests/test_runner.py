@@ -36,6 +36,21 @@ def test_a_failing_cell_is_reported_with_its_source_and_nothing_is_written(make_
     assert path.read_bytes() == before  # a failed run never overwrites the notebook, even with write=True
 
 
+def test_an_assert_without_a_message_is_reported_with_its_line(make_notebook):
+    path = make_notebook("bare.ipynb", "a = 1", "b = a + 1\nassert b == 3\nprint(b)")
+    assert run_notebook(path).error == "cell 1: AssertionError at line 2: assert b == 3"
+    path = make_notebook("said.ipynb", "assert 2 == 3, 'two is not three (2 vs 3)'")
+    assert run_notebook(path).error == "cell 0: AssertionError: two is not three (2 vs 3)"
+
+
+def test_progress_hears_of_every_code_cell(make_notebook):
+    path = make_notebook("p.ipynb", "md:# title", "x = 1", "", "y = 2", "raise ValueError('stop')", "z = 3")
+    calls = []
+    result = run_notebook(path, progress=lambda done, total: calls.append((done, total)))
+    assert result.status == "failed"  # the failing cell counts as run; the one after it never runs
+    assert calls == [(0, 4), (1, 4), (2, 4), (3, 4)]  # 4 code cells with a source (the empty one is skipped)
+
+
 def test_a_cell_over_the_timeout_fails_the_run(make_notebook):
     path = make_notebook("slow.ipynb", "import time\ntime.sleep(60)")
     result = run_notebook(path, timeout=2)

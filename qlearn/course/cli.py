@@ -1,19 +1,20 @@
 """The `qlearn` command: doctor, lab, run, exercises build/check.
 
     qlearn doctor                           is this machine ready for the course?
-    qlearn lab                              open JupyterLab on the course's notebooks
+    qlearn lab [JUPYTERLAB OPTION ...]      open JupyterLab on the course's notebooks
     qlearn run [NOTEBOOK ...]               execute notebooks headless, print a table of status and seconds
     qlearn exercises build [--out DIR]      learner copies: solutions replaced by stubs, outputs cleared
     qlearn exercises check DIR              run learner copies, print every exercise's status
 
 Exit status: 0 when everything asked for succeeded; 1 when a check, a notebook or an exercise
-failed; 2 for a usage error.
+failed; 2 for a usage error (a bad option, a notebook or folder that does not exist).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ from pathlib import Path
 from ..paths import ROOT, notebooks_dir
 
 LAB_INSTALL = 'pip install -c constraints.txt -e ".[lab]"'
+LAB_DESCRIPTION = """Open JupyterLab on the course's notebooks (Ctrl-C twice stops it).
+
+Every option qlearn does not know is passed on to JupyterLab (see `jupyter lab --help`), e.g.
+    qlearn lab --no-browser --port 8899          a server for a browser elsewhere (a container, ssh)
+    qlearn lab --ip 0.0.0.0 --no-browser         reachable from outside a container
+Run as root (Docker, cloud containers, classroom images), qlearn adds --allow-root, which
+JupyterLab otherwise demands, and says so in one line."""
 CHECK_EPILOG = """exit status: 0 when every notebook ran and every exercise PASSED (with --allow-missing,
 NOT ATTEMPTED is fine too); 1 when an exercise FAILED or was NOT ATTEMPTED, a notebook could not
 run, or no exercise was found."""
@@ -34,6 +42,45 @@ def _doctor(args) -> int:
     return 0 if ok else 1
 
 
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0  # Windows has no root (and no geteuid)
+
+
+def lab_command(notebook_dir: str, extra: list[str]) -> tuple[list[str], str]:
+    """(the JupyterLab command line, a note to print or ""): `extra` passed on as given (a bare
+    `--` dropped), plus --allow-root when run as root."""
+    extra = [a for a in extra if a != "--"]  # `qlearn lab -- --opt` means the same as `qlearn lab --opt`
+    note = ""
+    if _is_root() and "--allow-root" not in extra:
+        note = "qlearn lab: running as root (as in a container), so passing --allow-root to JupyterLab"
+        extra.append("--allow-root")
+    return [sys.executable, "-m", "jupyterlab", f"--notebook-dir={notebook_dir}", *extra], note
+
+
+def _serve(cmd: list[str]) -> int:
+    """Run the server until it exits; SIGTERM (`docker stop`, `kill`) and Ctrl-C let it shut its
+    kernels down first. Stopping it on purpose is not an error (0)."""
+    server = subprocess.Popen(cmd)
+    stopped = False
+
+    def stop(signum, frame):
+        nonlocal stopped
+        stopped = True
+        server.terminate()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            try:
+                code = server.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached JupyterLab too: it confirms and shuts down; wait
+                stopped = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0 if stopped else code
+
+
 def _lab(args) -> int:
     import importlib.util
 
@@ -41,11 +88,10 @@ def _lab(args) -> int:
         print(f"qlearn lab: JupyterLab is not installed; install the 'lab' extra: {LAB_INSTALL}",
               file=sys.stderr)
         return 1
-    cmd = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={args.notebook_dir}", *args.extra]
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:  # Ctrl-C stops the server: not an error
-        return 0
+    cmd, note = lab_command(args.notebook_dir, args.extra)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return _serve(cmd)
 
 
 def table(rows: list[tuple], header: tuple[str, ...]) -> str:
@@ -65,20 +111,55 @@ def _indented(source: str, limit: int = 25) -> str:
     return "\n".join("    " + s for s in shown)
 
 
+def _missing(command: str, paths: list[str]) -> int | None:
+    """2 (a usage error, said in one line) when a named notebook or folder does not exist, else None."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if not missing:
+        return None
+    print(f"qlearn {command}: no such notebook or folder: {', '.join(missing)}", file=sys.stderr)
+    return 2
+
+
+class CellBar:
+    """One progress bar per notebook on stderr, counting its code cells as they run:
+    `run_notebook(path, progress=CellBar(path.name))`, then `.close()`."""
+
+    def __init__(self, name: str, disable: bool = False):
+        self.name, self.disable, self.bar = name, disable, None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.name, unit="cell", file=sys.stderr, disable=self.disable,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} cells [{elapsed}]")
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_with_bar(path: Path, quiet: bool, **kwargs):
+    from .runner import run_notebook
+
+    bar = CellBar(path.name, disable=quiet)
+    try:
+        return run_notebook(path, progress=bar, **kwargs)
+    finally:
+        bar.close()
+
+
 def _run(args) -> int:
-    from tqdm import tqdm
+    from .runner import find_notebooks
 
-    from .runner import find_notebooks, run_notebook
-
+    if (code := _missing("run", args.notebooks)) is not None:
+        return code
     paths = find_notebooks(args.notebooks, notebooks_dir())
     if not paths:
         print(f"qlearn run: no notebooks in {', '.join(args.notebooks) or notebooks_dir()}", file=sys.stderr)
         return 1
-    results = []
-    bar = tqdm(paths, unit="notebook", disable=args.quiet, file=sys.stderr)
-    for path in bar:
-        bar.set_description(path.name)
-        results.append(run_notebook(path, timeout=args.timeout, write=args.write))
+    results = [_run_with_bar(path, args.quiet, timeout=args.timeout, write=args.write) for path in paths]
     print(table([(r.path.name, r.status, f"{r.seconds:.1f}") for r in results], ("notebook", "status", "seconds")))
     for r in results:
         if not r.ok:
@@ -97,6 +178,8 @@ def _build(args) -> int:
     from . import exercises
     from .runner import find_notebooks
 
+    if (code := _missing("exercises build", args.notebooks)) is not None:
+        return code
     paths = find_notebooks(args.notebooks, notebooks_dir())
     try:
         written = exercises.build(paths, Path(args.out))
@@ -110,17 +193,22 @@ def _build(args) -> int:
 
 def _check(args) -> int:
     from . import exercises
+    from .runner import find_notebooks
 
-    runs = exercises.check(args.dir, timeout=args.timeout)
-    if not runs:
+    if (code := _missing("exercises check", args.dir)) is not None:
+        return code
+    paths = find_notebooks(args.dir, Path("."))
+    if not paths:
         print(f"qlearn exercises check: no notebooks in {', '.join(args.dir)}", file=sys.stderr)
         return 1
+    runs = exercises.check(paths, timeout=args.timeout, run=lambda path, **kw: _run_with_bar(path, args.quiet, **kw))
     rows, failures, ok = [], [], True
     for run, results in runs:
         name = run.path.name
         if not run.ok:
             ok = False
-            rows.append((name, "-", f"notebook {run.status}", run.error[:90]))
+            rows.append((name, "-", f"notebook {run.status}", (run.error.splitlines() or [""])[0][:90]))
+            failures.append(f"{name} (the notebook stopped): {run.error}")
         for r in results:
             rows.append((name, r.number, r.status, r.title))
             ok &= r.status == "PASSED" or (args.allow_missing and r.status == "NOT ATTEMPTED")
@@ -145,9 +233,12 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("doctor", help="check Python, torch, the device, bitsandbytes, the libraries and the "
                                   "embedded model (exit 1 if a required check fails)")
-    lab = sub.add_parser("lab", help="open JupyterLab on the notebooks")
-    lab.add_argument("--notebook-dir", default=str(notebooks_dir()), help="folder to open (default: notebooks/)")
-    lab.add_argument("extra", nargs=argparse.REMAINDER, help="further options for jupyter lab")
+    lab = sub.add_parser("lab", help="open JupyterLab on the notebooks (other options go to JupyterLab)",
+                         description=LAB_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         usage="qlearn lab [-h] [--notebook-dir DIR] [JUPYTERLAB OPTION ...]",
+                         allow_abbrev=False)  # `--no` must reach JupyterLab, not match --notebook-dir
+    lab.add_argument("--notebook-dir", default=str(notebooks_dir()), metavar="DIR",
+                     help="folder to open (default: notebooks/)")
     run = sub.add_parser("run", help="execute notebooks headless (all by default)",
                          description="Execute notebooks in fresh kernels (working directory: each notebook's "
                                      "folder) and print a table; exit 1 if any failed. The files are not "
@@ -170,11 +261,16 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("dir", nargs="+", metavar="DIR", help="folders of learner notebooks, or notebooks")
     check.add_argument("--allow-missing", action="store_true", help="NOT ATTEMPTED exercises do not fail the check")
     check.add_argument("--timeout", type=int, default=600, metavar="S", help="seconds one cell may run (default 600)")
+    check.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args, extra = ap.parse_known_args(argv)  # only `lab` takes options it does not know (JupyterLab's)
+    if extra and args.command != "lab":
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # silences a debugger warning in kernels
     if args.command == "exercises":
         return (_build if args.action == "build" else _check)(args)

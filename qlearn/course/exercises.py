@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,10 +157,12 @@ def check_results(nb) -> list[ExerciseResult]:
     return results
 
 
-def check(paths: list[str], timeout: int = 600) -> list[tuple[RunResult, list[ExerciseResult]]]:
-    """Run the notebooks (files or folders) and collect their exercise results."""
+def check(paths: list[str | Path], timeout: int = 600,
+          run: Callable[..., RunResult] = run_notebook) -> list[tuple[RunResult, list[ExerciseResult]]]:
+    """Run the notebooks (files or folders) and collect their exercise results. `run(path, timeout=)`
+    executes one notebook (the CLI passes run_notebook with a progress bar)."""
     runs = []
-    for path in find_notebooks(paths, Path(".")):
-        run = run_notebook(path, timeout=timeout)
-        runs.append((run, check_results(run.notebook) if run.notebook is not None else []))
+    for path in find_notebooks([str(p) for p in paths], Path(".")):
+        result = run(path, timeout=timeout)
+        runs.append((result, check_results(result.notebook) if result.notebook is not None else []))
     return runs

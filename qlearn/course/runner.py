@@ -5,13 +5,19 @@ notebook's folder (nbclient), and returns a `RunResult`: passed, failed (a cell 
 the kernel died) or invalid (not a readable notebook), the seconds it took and, on failure, the
 failing cell's source and the error. The file is executed as a copy in memory and written back only
 with `write=True` and only when every cell passed (authors refresh committed outputs that way); a
-notebook that cannot be read, or that fails, is never overwritten.
+notebook that cannot be read, or that fails, is never overwritten. `progress(done, total)`, when
+given, is called before the first code cell and after each one (the CLI draws a bar with it).
+
+A failure always carries a reason: the exception's message, or, for a bare `assert` (no message),
+the failing statement as the traceback shows it ("cell 29: AssertionError at line 4: assert a < b").
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +71,27 @@ def read_notebook(path: Path):
     return nb
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ARROW = re.compile(r"^-+> *(\d+) (.*)$")  # IPython's traceback marks the failing line: "----> 4 assert a < b"
+
+
+def _failing_line(traceback: list[str]) -> str:
+    """"line N: statement" of the cell's frame (the first frame) in an IPython traceback, or ""."""
+    for line in _ANSI.sub("", "\n".join(traceback)).splitlines():
+        if m := _ARROW.match(line.strip()):
+            return f"line {m.group(1)}: {m.group(2).strip()}"
+    return ""
+
+
 def _error_cell(nb) -> tuple[int, str, str]:
-    """(index, source, "Name: message") of the first cell with an error output."""
+    """(index, source, "Name: message") of the first cell with an error output; without a message,
+    "Name at line N: statement"."""
     for i, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
-                return i, cell.source, f"{out.get('ename')}: {out.get('evalue')}"
+                name, message = out.get("ename"), str(out.get("evalue") or "").strip()
+                where = _failing_line(out.get("traceback", []))
+                return i, cell.source, f"{name}: {message}" if message or not where else f"{name} at {where}"
     return -1, "", ""
 
 
@@ -81,11 +102,13 @@ def _tail(log, lines: int = 5) -> str:
 
 
 def run_notebook(path: str | Path, *, timeout: int = 600, write: bool = False,
-                 kernel_name: str = "python3") -> RunResult:
+                 kernel_name: str = "python3",
+                 progress: Callable[[int, int], None] | None = None) -> RunResult:
     """Execute the notebook at `path` in a fresh kernel (working directory: its folder).
 
     `timeout` is the seconds any one cell may run. With `write=True` a notebook whose every cell
     passed is saved with its new outputs; otherwise the file is left exactly as it was.
+    `progress(done, total)` hears of every code cell run (total: the code cells with a source).
     """
     import nbformat
     from nbclient import NotebookClient
@@ -98,6 +121,11 @@ def run_notebook(path: str | Path, *, timeout: int = 600, write: bool = False,
         return RunResult(path, "invalid", error=str(err))
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
                             resources={"metadata": {"path": str(path.parent.resolve())}})
+    if progress is not None:
+        total = sum(c.cell_type == "code" and bool(c.source.strip()) for c in nb.cells)
+        done = iter(range(1, total + 1))
+        client.on_cell_executed = lambda **_: progress(next(done, total), total)
+        progress(0, total)
     start = time.perf_counter()
     status, error, cell, index = "passed", "", "", -1
     # The kernel process's own log (not the cells' output, which travels over ZeroMQ) goes to a file,
