@@ -75,7 +75,7 @@ class Exercise:
         self.result: CheckResult | None = None
 
     def fail(self, message: str, hint: str | None = None) -> None:
-        raise CheckFailed(message + (f" Hint: {hint}" if hint else ""))
+        raise CheckFailed(message + (f"{'' if message.endswith('.') else '.'} Hint: {hint}" if hint else ""))
 
     def true(self, condition: bool, message: str, hint: str | None = None) -> None:
         if not condition:
