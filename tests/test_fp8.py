@@ -169,3 +169,20 @@ def test_zeros_quantize_to_zeros():
 def test_bad_input_raises_errors_naming_the_parameter(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_gpu_benchmark_runs_on_the_cpu_and_records_what_fails(tmp_path):
+    import argparse
+    import importlib.util
+
+    from qlearn.paths import ROOT
+
+    spec = importlib.util.spec_from_file_location("fp8_bench", ROOT / "benchmarks" / "fp8_scaled_mm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = {"rows": [], "errors": []}
+    bench.run(argparse.Namespace(device="cpu", sizes=[128]), result)
+    row = result["rows"][0]
+    assert set(row["error_vs_fp32"]) == {"bf16", "tensorwise", "tensorwise_fast_accum", "rowwise"}
+    assert row["vs_qlearn_emulation"]["rowwise"]["identical_bf16"]  # torch's CPU kernel: the same bits
+    assert [e["recipe"] for e in result["errors"]] == ["blockwise"]  # CUDA only: recorded, not raised
