@@ -8,7 +8,7 @@ runs on. The set-up cell (qlearn/course/conventions.py) runs
 package wherever it enters the resolution, replacing what Colab has. So this file pins only the
 course's own libraries (every pyproject dependency not in COLAB_KEEPS, plus EXTRA) at the versions
 of constraints.txt, and leaves COLAB_KEEPS as Colab ships them (pyproject's floors still apply).
-tests/test_colab.py checks the file is up to date and that every dependency is pinned or kept on purpose.
+tests/test_repo.py checks the file is up to date and that every dependency is pinned or kept on purpose.
 """
 
 from __future__ import annotations

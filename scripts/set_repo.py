@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from qlearn.course import conventions  # noqa: E402 -- the path above makes this checkout's qlearn importable
+from qlearn.course import conventions
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+")
 BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
@@ -28,8 +28,8 @@ BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
 def configured(root: Path) -> tuple[str, str]:
     """(REPO, BRANCH) as conventions.py under `root` sets them."""
     text = (root / "qlearn" / "course" / "conventions.py").read_text()
-    return (re.search(r'^REPO = "([^"]+)"', text, re.M).group(1),
-            re.search(r'^BRANCH = "([^"]+)"', text, re.M).group(1))
+    return (re.search(r'^REPO = "([^"]+)"', text, re.MULTILINE).group(1),
+            re.search(r'^BRANCH = "([^"]+)"', text, re.MULTILINE).group(1))
 
 
 def set_repo(root: Path, repo: str | None = None, branch: str | None = None) -> list[Path]:
@@ -46,8 +46,8 @@ def set_repo(root: Path, repo: str | None = None, branch: str | None = None) -> 
     # Step 1: the one place the repository is configured
     path = root / "qlearn" / "course" / "conventions.py"
     text = path.read_text()
-    new = re.sub(r'^REPO = "[^"]+"', f'REPO = "{repo}"', text, count=1, flags=re.M)
-    new = re.sub(r'^BRANCH = "[^"]+"', f'BRANCH = "{branch}"', new, count=1, flags=re.M)
+    new = re.sub(r'^REPO = "[^"]+"', f'REPO = "{repo}"', text, count=1, flags=re.MULTILINE)
+    new = re.sub(r'^BRANCH = "[^"]+"', f'BRANCH = "{branch}"', new, count=1, flags=re.MULTILINE)
     if new != text:
         path.write_text(new)
         changed.append(path)

@@ -11,7 +11,8 @@ import nbformat
 import pytest
 
 from qlearn.course import exercises
-from qlearn.course.conventions import BRANCH, REPO, SETUP_CELL, badges
+from qlearn.course.conventions import (BRANCH, COLAB_CONSTRAINTS, CPU_INDEX, REPO, SETUP_CELL, SETUP_COMMAND,
+                                       badges, setup_cell)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -20,6 +21,7 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_binder_requirements as mbr  # scripts/ is not a package
+import make_colab_constraints as mcc
 from make_binder_requirements import tomllib  # the stdlib's, or pip's copy on Python 3.10
 
 
@@ -96,17 +98,66 @@ def readme_commands() -> tuple[str, str]:
 def test_readme_has_exactly_two_commands_and_ci_runs_them_verbatim():
     setup, test = readme_commands()
     install, opens = setup.split(" && ")
-    assert opens == "qlearn lab" and install.startswith("pip install -c constraints.txt -e ")
+    assert opens == "qlearn lab" and install == SETUP_COMMAND  # the one the doctor's fixes give too
+    assert f"--extra-index-url {CPU_INDEX}" in install  # the CPU build on every platform, no CUDA download
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert install in ci and test in ci, "the README's set-up (without '&& qlearn lab') and test commands"
     assert ci.index(install) < ci.index(test)
     assert "set -euo pipefail" in ci  # a failing test command fails CI
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
+    # CI's only step before the README's: torch from the local CPU wheel, the build the README's index gives
+    before = [ln for ln in ci[:ci.index(install)] if ln.startswith("pip install")]
+    assert before == ["pip install -q torch==2.13.0"] and mbr.pins()["torch"] == "2.13.0"
 
 
 def test_readme_badges_point_at_the_first_notebook():
     assert badges("00_start_here.ipynb") in (ROOT / "README.md").read_text()
-    assert f"https://github.com/{REPO}" in SETUP_CELL and BRANCH == "main"
+    assert f"https://github.com/{REPO}" in SETUP_CELL and f'"--branch", "{BRANCH}"' in SETUP_CELL
+
+
+def test_the_colab_setup_installs_with_the_colab_constraints_not_unpinned():
+    assert f'"-c", "qlearn-course/{COLAB_CONSTRAINTS}", "-e", "qlearn-course"' in SETUP_CELL
+    assert SETUP_CELL.count('"pip", "install"') == 1
+
+
+def test_colab_constraints_pin_the_course_libraries_and_leave_colabs_torch():
+    text = (ROOT / COLAB_CONSTRAINTS).read_text()
+    assert text == mcc.render(), "constraints-colab.txt is stale: python scripts/make_colab_constraints.py"
+    pins = mbr.pins()
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    got = dict(ln.split("==") for ln in lines)
+    assert all(pins[name] == version for name, version in got.items()), "a pin differs from constraints.txt"
+    assert {"torch", "torchao", "numpy", "ipykernel"}.isdisjoint(got)  # Colab's own, kept
+    assert {"transformers", "peft", "bitsandbytes", "accelerate"} <= got.keys()
+    # every dependency is either pinned for Colab or left to Colab on purpose (with a reason)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for name in map(mbr.name_of, project["dependencies"]):
+        assert (name in got) != (name in mcc.COLAB_KEEPS), f"{name}: pin it for Colab or say why Colab keeps its own"
+
+
+def test_set_repo_points_a_copy_of_the_course_at_a_fork(tmp_path):
+    for part in ("notebooks", "docs"):
+        shutil.copytree(ROOT / part, tmp_path / part)
+    (tmp_path / "qlearn" / "course").mkdir(parents=True)
+    shutil.copy(ROOT / "qlearn" / "course" / "conventions.py", tmp_path / "qlearn" / "course")
+    shutil.copy(ROOT / "README.md", tmp_path)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "set_repo.py"), "alice/qlearn-fork", "--branch",
+                          "spring", "--root", str(tmp_path)], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("course repository: alice/qlearn-fork (branch spring);")
+    assert 'REPO = "alice/qlearn-fork"' in (tmp_path / "qlearn" / "course" / "conventions.py").read_text()
+    for path in sorted((tmp_path / "notebooks").glob("*.ipynb")):
+        nb = read(path)
+        assert badges(path.name, "alice/qlearn-fork", "spring") in nb.cells[0].source
+        assert nb.cells[1].source == setup_cell("alice/qlearn-fork", "spring")
+        assert nb.cells[1].outputs == read(ROOT / "notebooks" / path.name).cells[1].outputs  # nothing re-run
+        assert REPO not in path.read_text()
+    readme = (tmp_path / "README.md").read_text()
+    assert badges("00_start_here.ipynb", "alice/qlearn-fork", "spring") in readme and REPO not in readme
+    assert f"github.com/{REPO}" not in (tmp_path / "docs" / "instructor.md").read_text()
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "set_repo.py"), "not a repo", "--root", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode != 0 and "repo must be OWNER/NAME" in bad.stderr
 
 
 def test_binder_requirements_are_pyproject_pinned_by_constraints():

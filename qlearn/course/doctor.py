@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+from .conventions import REPO, SETUP_COMMAND
 
 __all__ = ["NF4_WIDEST_GAP", "Check", "report", "run_checks"]
 
-SETUP = 'pip install -c constraints.txt -e ".[test,lab]"'
+SETUP = SETUP_COMMAND
+CUDA_TORCH = "pip install --force-reinstall torch==2.13.0 --index-url https://pypi.org/simple"
 NF4_WIDEST_GAP = 1.0 - 0.6961928009986877  # between the NF4 code book's -1 and -0.6962 (QLoRA, Appendix E)
 
 
@@ -56,16 +61,28 @@ def _torch() -> Check:
     try:
         import torch
     except ImportError:
-        return Check("torch", False, "not installed",
-                     "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu  (CPU build), "
-                     f"then {SETUP}")
+        return Check("torch", False, "not installed", SETUP)
     return Check("torch", True, f"{torch.__version__} ({torch.get_num_threads()} CPU threads)")
+
+
+def _nvidia_gpu() -> str:
+    """Where this machine shows an NVIDIA GPU (its driver, or nvidia-smi), or "" when it shows none."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if gpus.is_dir() and any(gpus.iterdir()):
+        return str(gpus)
+    return shutil.which("nvidia-smi") or ""
 
 
 def _device() -> Check:
     import torch
 
     if not torch.cuda.is_available():
+        gpu = _nvidia_gpu()
+        if torch.version.cuda is None and gpu:  # e.g. the README's CPU index on a machine with a GPU
+            return Check("device", False, f"cpu: torch {torch.__version__} is a CPU build, but this machine has "
+                                          f"an NVIDIA GPU ({gpu})",
+                         f"for the GPU: {CUDA_TORCH}  (PyPI's Linux build includes CUDA; other CUDA "
+                         "versions: pytorch.org)", required=False)
         return Check("device", True, "cpu (no CUDA GPU: every notebook runs; notebook 09 shows recorded GPU "
                                      "results)", required=False)
     try:
@@ -122,7 +139,7 @@ def _model() -> Check:
     if "QLEARN_DATA" in os.environ:
         fix = f"QLEARN_DATA={os.environ['QLEARN_DATA']} has no usable tiny/: unset QLEARN_DATA or point it at the course's data/"
     else:
-        fix = "data/tiny ships with the course: run from a full clone (git clone https://github.com/qlearn-course/qlearn)"
+        fix = f"data/tiny ships with the course: run from a full clone (git clone https://github.com/{REPO})"
     if not (where / "config.json").is_file():
         return Check("model", False, f"missing: {where} has no config.json", fix)
     try:
