@@ -6,13 +6,14 @@
     to_linear4bit(model)                   a 16-bit model's linears as bitsandbytes NF4 layers    (linear.py)
 
 They read bitsandbytes' own storage (packed bytes + QuantState, double quantization included), so a
-Linear4bit's weight works as it is. Why they are fast is the lesson of notebook 09: both are
+Linear4bit's weight works as it is. Why they are fast is the lesson of notebook 10: both are
 memory-bound, and a 4-bit weight is about 3.6x fewer bytes than bf16 (benchmarks/nf4_kernel.py).
 
 Triton ships with CUDA PyTorch. It is imported on first use of a name below, never by `import qlearn`
 or `import qlearn.kernels`, so the CPU course does not need it; without it the first use raises an
-ImportError that names the fix. On a CPU set TRITON_INTERPRET=1 before that first use to run the
-kernels in Triton's interpreter (exact, slow: what tests/test_kernels.py does on the CPU).
+ImportError that names the fix. On a CPU, TRITON_INTERPRET=1 set before Triton is first imported
+(before Python starts, or before importing bitsandbytes, which imports Triton) runs the kernels in
+Triton's interpreter: exact, slow, what tests/test_kernels.py does on the CPU.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Importing Triton, or saying how to get it; where the kernels may run.
 
 Triton ships with the CUDA builds of PyTorch; the CPU course does not need it. On a CPU, Triton's
-interpreter (`TRITON_INTERPRET=1`, read when the kernels are defined, i.e. before `qlearn.kernels.nf4`
-is first imported) runs the same kernels on CPU tensors with NumPy: slow, but exact, which is what
-the CPU tests use.
+interpreter runs the same kernels on CPU tensors with NumPy: slow, but exact, which is what the CPU
+tests use. It is chosen by TRITON_INTERPRET=1 when a kernel is defined, for Triton's own functions
+(tl.sum, tl.interleave) when Triton is first imported, which bitsandbytes does: so set it before
+Python starts (`TRITON_INTERPRET=1 python ...`), or at least before importing bitsandbytes.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 __all__ = ["INTERPRET", "check_device", "tl", "triton"]
 
-# Read once, as triton.jit reads it when the kernels below it are defined.
+# Read once, as triton.jit reads it when the kernels are defined (just after this module).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET and type(tl.sum).__name__ != "InterpretedFunction":
+    raise ImportError("TRITON_INTERPRET=1 was set after Triton had been imported (bitsandbytes imports it), so "
+                      "Triton's own functions are compiled for a GPU, not interpreted: set it before Python "
+                      "starts, e.g. TRITON_INTERPRET=1 python ...")
 
 
 def check_device(**tensors: torch.Tensor) -> torch.device:

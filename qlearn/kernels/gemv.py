@@ -109,10 +109,10 @@ def gemv_4bit(x: Tensor, packed: Tensor, quant_state=None, *, block_n: int | Non
     return y.reshape(*x.shape[:-1], n_out)
 
 
-def tolerance(w: Tensor, x: Tensor, y: Tensor, y_ref: Tensor) -> Tensor:
-    """The elementwise bound of the module docstring on |y - y_ref|, for y = gemv_4bit(x, ...) and
-    y_ref = x @ dequantize(W).T in y's dtype; `w` is W in float32 (N, K), x is (..., K)."""
-    u = UNIT_ROUNDOFF[y.dtype]
+def tolerance(w: Tensor, x: Tensor, y: Tensor, y_ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The elementwise bound of the module docstring on |y - y_ref| (float64), for y = gemv_4bit(x, ...)
+    and y_ref = x @ dequantize(W).T, both in `dtype` (default y's); `w` is W in float32 (N, K), x (..., K)."""
+    u = UNIT_ROUNDOFF[dtype or y.dtype]
     k = w.shape[1]
     abs_products = x.abs().double() @ w.abs().double().T                 # sum_k |w_k| |x_k|, (..., N)
     return u * (y.abs().double() + y_ref.abs().double()) + (u + 2 * k * 2.0**-24) * abs_products
