@@ -4,7 +4,7 @@
 
 `pytest --nbval-lax` executes each notebook top to bottom (outputs are not compared: a GPU prints
 other timings and devices) and fails on any error; a notebook's seconds are the sum of its cells'
-durations from pytest's JUnit report. Notebook 09 measures its GPU figures anew here.
+durations from pytest's JUnit report. Notebook 10 measures its GPU figures anew here.
 """
 
 from __future__ import annotations

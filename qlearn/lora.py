@@ -49,7 +49,7 @@ same A, B (and magnitude) give the same output (tests/test_lora*.py).
 The base may also be a bitsandbytes `Linear4bit` (QLoRA) or `Linear8bitLt`: their forward dequantizes on the
 fly, so the same wrapper trains them. Merging in place into a quantized base would re-quantize the merged
 weight and can erase a small update (peft#2321), so `merge()` returns a dequantized 16/32-bit nn.Linear
-instead (the safe path, notebook 07) and `merge_()` refuses; QA-LoRA (qlearn.qalora) merges losslessly.
+instead (the safe path, notebook 08) and `merge_()` refuses; QA-LoRA (qlearn.qalora) merges losslessly.
 """
 
 from __future__ import annotations

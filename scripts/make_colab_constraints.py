@@ -25,7 +25,7 @@ COLAB_KEEPS = {
     "torchao": "built for one torch release (0.18's C++ ops need torch >= 2.11); Colab pairs it with its torch",
     "numpy": "Colab's compiled packages are built against its numpy; replacing it asks for a restart",
     "matplotlib": "imported by Colab's runtime for inline plots; images are not compared",
-    "scikit-learn": "only for the bundled digits data of notebook 04 (the same on every version)",
+    "scikit-learn": "only for the bundled digits data of notebook 05 (the same on every version)",
     "ipykernel": "runs Colab's kernel",
     "ipywidgets": "Colab's widget front end goes with its version",
     "tqdm": "progress bars only",

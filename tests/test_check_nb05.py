@@ -1,95 +1,158 @@
 """The notebook 05 checkers: a correct answer passes, a typical mistake fails with its hint, a stub is
-reported as not attempted; the checkers' expected values agree with torch, qlearn.lora and PEFT's shapes."""
+reported as not attempted; their written-out answers are torch's."""
 
-import pytest
+import math
+
 import torch
 
 from qlearn.check import nb05
-from qlearn.lora import apply_lora
-from qlearn.modules import count_trainable
 
 
-def survives(w, update):
-    return (w.float() + update).to(torch.bfloat16) != w
+def fake_quant(x, scale, zero_point, qmin, qmax):
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
 
 
-def survives_in_fp32(w, update):  # the usual mistake: never rounds the sum back to bf16
-    return (w.float() + update) != w.float()
+def fake_quant_half_up(x, scale, zero_point, qmin, qmax):
+    q = torch.clamp(torch.floor(x / scale + 0.5) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
 
 
-def lora_forward(x, W, b, A, B, alpha, r):
-    out = x @ W.T + (alpha / r) * (x @ A.T @ B.T)
-    return out if b is None else out + b
+def fake_quant_no_clamp(x, scale, zero_point, qmin, qmax):
+    return torch.round(x / scale) * scale
 
 
-def lora_forward_no_scaling(x, W, b, A, B, alpha, r):
-    out = x @ W.T + x @ A.T @ B.T
-    return out if b is None else out + b
+def fake_quant_codes(x, scale, zero_point, qmin, qmax):
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
 
 
-def lora_param_count(config, r, target_modules):
-    h, layers = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv, m = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, config.intermediate_size
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
-    return layers * sum(r * sum(shapes[t]) for t in target_modules)
+class _Forward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.qmin, ctx.qmax = qmin, qmax
+        return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
-def lora_param_count_no_gqa(config, r, target_modules):  # the usual mistake: k, v as wide as q
-    h, m = config.hidden_size, config.intermediate_size
-    shapes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
-              "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
-    return config.num_hidden_layers * sum(r * sum(shapes[t]) for t in target_modules)
+class STE(_Forward):
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, scale, zero_point = ctx.saved_tensors
+        q = torch.round(x / scale) + zero_point
+        return grad_output * ((q >= ctx.qmin) & (q <= ctx.qmax)), None, None, None, None
 
 
-def merge(W, A, B, alpha, r):
-    return W + (alpha / r) * (B @ A)
+class IdentitySTE(_Forward):  # the usual mistake: no clamp in the backward
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None, None, None
 
 
-def merge_in_place(W, A, B, alpha, r):
-    W += (alpha / r) * (B @ A)
-    return W
+class UnroundedSTE(_Forward):  # the subtle mistake: the mask tests x / scale instead of the rounded code
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, scale, zero_point = ctx.saved_tensors
+        v = x / scale + zero_point
+        return grad_output * ((v >= ctx.qmin) & (v <= ctx.qmax)), None, None, None, None
 
 
-def merge_without_scaling(W, A, B, alpha, r):
-    return W + B @ A
+class StubSTE(_Forward):
+    @staticmethod
+    def backward(ctx, grad_output):
+        raise NotImplementedError("Exercise 5.2: replace this line with your solution")
+
+
+def lsq_grad_scale(num_values, bits):
+    return 1 / math.sqrt(num_values * (2 ** (bits - 1) - 1))
+
+
+def lsq_grad_scale_pow2(num_values, bits):
+    return 1 / math.sqrt(num_values * 2 ** (bits - 1))
+
+
+def lsq_scale_grad(x, scale, qmin, qmax):
+    v = x / scale
+    r = torch.round(v)
+    return torch.where(r < qmin, float(qmin), torch.where(r > qmax, float(qmax), r - v))
+
+
+def lsq_scale_grad_zero_outside(x, scale, qmin, qmax):
+    v = x / scale
+    r = torch.round(v)
+    return torch.where((r >= qmin) & (r <= qmax), r - v, 0.0)
 
 
 def stub(*args):
-    raise NotImplementedError("Exercise 5.x: your code here")
+    raise NotImplementedError("Exercise 4.x: replace this line with your solution")
 
 
-def test_survive_cases_are_torchs_rounding():
-    for w, u, expected in nb05._SURVIVE_CASES:
-        bw = torch.tensor(w, dtype=torch.bfloat16)
-        assert bool((bw.float() + torch.tensor(u)).to(torch.bfloat16) != bw) == expected, (w, u)
+def test_fake_quant_cases_are_torchs():
+    for x, scale, zp, qmin, qmax, expected in nb05._FQ_CASES:
+        got = torch.fake_quantize_per_tensor_affine(torch.tensor(x), scale, zp, qmin, qmax)
+        assert got.tolist() == expected
 
 
-def test_count_cases_match_apply_lora_on_the_same_shapes():
-    from transformers import LlamaForCausalLM
-
-    for kwargs, r, targets, expected, _ in nb05._COUNT_CASES:
-        with torch.device("meta"):  # shapes only: an 8B model costs no memory on the meta device
-            model = LlamaForCausalLM(nb05._config(**kwargs))
-        assert count_trainable(apply_lora(model, targets, r=r, alpha=2 * r)) == expected
-
-
-@pytest.mark.parametrize("checker, good, bad, hint", [
-    (nb05.bf16_update_survives, survives, survives_in_fp32, "round the sum to bf16"),
-    (nb05.lora_forward, lora_forward, lora_forward_no_scaling, "alpha / r"),
-    (nb05.lora_param_count, lora_param_count, lora_param_count_no_gqa, "num_key_value_heads * head_dim"),
-    (nb05.merge_lora_weight, merge, merge_without_scaling, "alpha / r"),
-])
-def test_checker_passes_fails_with_hint_and_reports_a_stub(checker, good, bad, hint, capsys):
-    assert checker(good).passed
-    result = checker(bad)
-    assert result.status == "FAILED" and hint in result.message
-    assert checker(stub).status == "NOT ATTEMPTED"
-    out = capsys.readouterr().out
-    assert out.count("[qlearn.check]") == 3
+def test_ste_masks_are_torchs_gradient():
+    for xs, scale, zp, qmin, qmax, mask in ((nb05._STE_X, 0.5, 0, -3, 3, nb05._STE_MASK),
+                                            (nb05._STE_X_ASYM, 1.0, 1, 0, 3, nb05._STE_MASK_ASYM)):
+        x = torch.tensor(xs, requires_grad=True)
+        torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax).sum().backward()
+        assert x.grad.tolist() == mask
 
 
-def test_merge_checker_catches_in_place_merging():
-    result = nb05.merge_lora_weight(merge_in_place)
-    assert result.status == "FAILED" and "changed W in place" in result.message
+def test_lsq_cases_are_torchs_learnable_fake_quant():
+    expected = []
+    for v in nb05._LSQ_X:  # one value at a time: torch sums the scale gradient over the tensor
+        scale = torch.tensor([0.5], requires_grad=True)
+        torch._fake_quantize_learnable_per_tensor_affine(torch.tensor([v]), scale, torch.zeros(1), -3, 3, 1.0).sum().backward()
+        expected.append(scale.grad.item())
+    # 1e-6: round(v) - v in float32 (x / 0.5 is exact; -0.6 is not representable)
+    torch.testing.assert_close(torch.tensor(expected), torch.tensor(nb05._LSQ_GRAD), atol=1e-6, rtol=0)
+
+
+def test_fake_quant_checker(capsys):
+    assert nb05.fake_quant(fake_quant).passed
+    result = nb05.fake_quant(fake_quant_half_up)
+    assert result.status == "FAILED" and "even neighbour" in result.message
+    result = nb05.fake_quant(fake_quant_no_clamp)
+    assert result.status == "FAILED" and "clamp the code" in result.message
+    result = nb05.fake_quant(fake_quant_codes)
+    assert result.status == "FAILED" and "return values, not codes" in result.message
+    assert nb05.fake_quant(stub).status == "NOT ATTEMPTED"
+    assert "[qlearn.check] PASSED 5.1" in capsys.readouterr().out
+
+
+def test_ste_backward_checker():
+    assert nb05.ste_backward(STE).passed
+    result = nb05.ste_backward(IdentitySTE)
+    assert result.status == "FAILED" and "zero elsewhere" in result.message
+    result = nb05.ste_backward(UnroundedSTE)
+    assert result.status == "FAILED" and "test the rounded code" in result.message
+    assert nb05.ste_backward(StubSTE).status == "NOT ATTEMPTED"
+
+
+def test_lsq_grad_scale_checker():
+    assert nb05.lsq_grad_scale(lsq_grad_scale).passed
+    result = nb05.lsq_grad_scale(lsq_grad_scale_pow2)
+    assert result.status == "FAILED" and "not 2**(bits - 1)" in result.message
+    assert nb05.lsq_grad_scale(stub).status == "NOT ATTEMPTED"
+
+
+def test_lsq_scale_grad_checker():
+    assert nb05.lsq_scale_grad(lsq_scale_grad).passed
+    result = nb05.lsq_scale_grad(lsq_scale_grad_zero_outside)
+    assert result.status == "FAILED" and "not 0" in result.message
+    result = nb05.lsq_scale_grad(lambda *a: -lsq_scale_grad(*a))
+    assert result.status == "FAILED" and "the sign" in result.message
+    assert nb05.lsq_scale_grad(stub).status == "NOT ATTEMPTED"
+
+
+def test_library_agrees_with_the_checkers():
+    from qlearn.quant.qat import fake_quantize
+    from qlearn.quant.qat import lsq_grad_scale as library_g
+
+    for x, scale, zp, qmin, qmax, expected in nb05._FQ_CASES:
+        bits, symmetric = (4, True) if qmin < 0 else (3, False)
+        got = fake_quantize(torch.tensor(x), bits, symmetric, scale=torch.tensor(scale), zero_point=torch.tensor(zp))
+        assert got.tolist() == expected
+    assert all(library_g(n, b) == lsq_grad_scale(n, b) for n, b in nb05._G_CASES)

@@ -1,5 +1,5 @@
 """The notebook 07 checkers: a correct answer passes, a typical mistake fails with its hint, a stub is
-reported as not attempted; the reference answers agree with torch's bf16 rounding, qlearn.merging and PEFT."""
+reported as not attempted; the reference answers agree with bitsandbytes and PEFT."""
 
 import logging
 
@@ -7,71 +7,65 @@ import pytest
 import torch
 
 from qlearn.check import nb07
-from qlearn.quant import nf4
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU backend notes about optional kernels
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def bf16_half_spacing(x):
-    return torch.exp2(torch.floor(torch.log2(x.abs())) - 8)
+def double_quant_bits(code_bits, blocksize, absmax_bits, blocksize2, absmax2_bits):
+    return code_bits + absmax_bits / blocksize + absmax2_bits / (blocksize * blocksize2)
 
 
-def bf16_full_spacing(x):
-    return torch.exp2(torch.floor(torch.log2(x.abs())) - 7)  # the usual mistake: the whole gap
+def double_quant_bits_per_block2(code_bits, blocksize, absmax_bits, blocksize2, absmax2_bits):
+    return code_bits + absmax_bits / blocksize + absmax2_bits / blocksize2  # the usual mistake
 
 
-def fp16_half_spacing(x):
-    return torch.exp2(torch.floor(torch.log2(x.abs())) - 11)  # float16's 10 mantissa bits
+def double_quant_bits_no_dq(code_bits, blocksize, absmax_bits, blocksize2, absmax2_bits):
+    return code_bits + 32 / blocksize
 
 
-def codes_moved(w_hat, delta, blocksize=64):
-    before = nf4.quantize_nf4(w_hat, blocksize).codes
-    after = nf4.quantize_nf4(w_hat + delta, blocksize).codes
-    return (before != after).float().mean().item()
+def dequantize_block(packed, absmax, table):
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)
+    return table[codes.long()] * absmax
 
 
-def codes_kept(w_hat, delta, blocksize=64):
-    return 1.0 - codes_moved(w_hat, delta, blocksize)
+def dequantize_block_low_first(packed, absmax, table):
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)
+    return table[codes.long()] * absmax
 
 
-def codes_moved_old_absmax(w_hat, delta, blocksize=64):
-    state = nf4.quantize_nf4(w_hat, blocksize)
-    codes, absmax = state.codes, state.absmax
-    scaled = ((w_hat + delta).reshape(-1, blocksize) / absmax.unsqueeze(1)).clamp(-1, 1)  # (blocks, blocksize)
-    table = nf4.codebook()
-    after = torch.bucketize(scaled, (table[:-1] + table[1:]) / 2).reshape(w_hat.shape)
-    return (after != codes.long()).float().mean().item()
+def dequantize_block_unscaled(packed, absmax, table):
+    return dequantize_block(packed, torch.tensor(1.0), table)
 
 
-def combine_cat(As, Bs, scalings, weights):
-    A = torch.cat([w * s * A_i for A_i, s, w in zip(As, scalings, weights)], dim=0)
-    return A, torch.cat(list(Bs), dim=1)
+def lora_params(config, r, target_modules):
+    h, m = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+    return config.num_hidden_layers * sum(r * (i + o) for i, o in (shapes[t] for t in target_modules))
 
 
-def combine_cat_squared_weights(As, Bs, scalings, weights):
-    A = torch.cat([w * s * A_i for A_i, s, w in zip(As, scalings, weights)], dim=0)
-    return A, torch.cat([w * B_i for B_i, w in zip(Bs, weights)], dim=1)
+def lora_params_ignores_gqa(config, r, target_modules):
+    h, m = config.hidden_size, config.intermediate_size
+    shapes = {"q_proj": 2 * h, "k_proj": 2 * h, "v_proj": 2 * h, "o_proj": 2 * h,
+              "gate_proj": h + m, "up_proj": h + m, "down_proj": m + h}
+    return config.num_hidden_layers * sum(r * shapes[t] for t in target_modules)
 
 
-def combine_cat_no_scaling(As, Bs, scalings, weights):
-    return combine_cat(As, Bs, [1.0] * len(As), weights)
-
-
-def combine_cat_wrong_dims(As, Bs, scalings, weights):
-    return torch.cat(As, dim=1), torch.cat(Bs, dim=0)
+def lora_params_one_layer(config, r, target_modules):
+    return lora_params(config, r, target_modules) // config.num_hidden_layers
 
 
 def stub(*args, **kwargs):
-    raise NotImplementedError("Exercise 7.k: your code here")
-
-
-CHECKERS = [nb07.bf16_half_spacing, nb07.codes_moved, nb07.combine_cat]
+    raise NotImplementedError("Exercise 6.k: your code here")
 
 
 @pytest.mark.parametrize(("checker", "solution"), [
-    (nb07.bf16_half_spacing, bf16_half_spacing),
-    (nb07.codes_moved, codes_moved),
-    (nb07.combine_cat, combine_cat),
+    (nb07.double_quant_bits, double_quant_bits),
+    (nb07.dequantize_block, dequantize_block),
+    (nb07.lora_params, lora_params),
 ])
 def test_correct_solution_passes(checker, solution, capsys):
     result = checker(solution)
@@ -80,13 +74,12 @@ def test_correct_solution_passes(checker, solution, capsys):
 
 
 @pytest.mark.parametrize(("checker", "wrong", "hint"), [
-    (nb07.bf16_half_spacing, bf16_full_spacing, "at most half the spacing"),
-    (nb07.bf16_half_spacing, fp16_half_spacing, "7 explicit mantissa bits"),
-    (nb07.codes_moved, codes_kept, "count codes_before != codes_after"),
-    (nb07.codes_moved, codes_moved_old_absmax, "NEW absmax per block"),
-    (nb07.combine_cat, combine_cat_squared_weights, "on ONE side"),
-    (nb07.combine_cat, combine_cat_no_scaling, "fold s_i into A_i"),
-    (nb07.combine_cat, combine_cat_wrong_dims, "along the rank dimension (dim 0)"),
+    (nb07.double_quant_bits, double_quant_bits_per_block2, "blocksize * blocksize2 weights"),
+    (nb07.double_quant_bits, double_quant_bits_no_dq, "absmax2_bits / (blocksize * blocksize2)"),
+    (nb07.dequantize_block, dequantize_block_low_first, "HIGH nibble"),
+    (nb07.dequantize_block, dequantize_block_unscaled, "multiply table[codes] by absmax"),
+    (nb07.lora_params, lora_params_ignores_gqa, "num_key_value_heads * head_dim"),
+    (nb07.lora_params, lora_params_one_layer, "multiply by num_hidden_layers"),
 ])
 def test_typical_mistake_fails_with_its_hint(checker, wrong, hint, capsys):
     result = checker(wrong)
@@ -94,48 +87,37 @@ def test_typical_mistake_fails_with_its_hint(checker, wrong, hint, capsys):
     assert capsys.readouterr().out.startswith("[qlearn.check] FAILED 7.")
 
 
-@pytest.mark.parametrize("checker", CHECKERS)
+@pytest.mark.parametrize("checker", [nb07.double_quant_bits, nb07.dequantize_block, nb07.lora_params])
 def test_stub_is_not_attempted(checker, capsys):
     assert checker(stub).status == "NOT ATTEMPTED"
     assert "NOT ATTEMPTED" in capsys.readouterr().out
 
 
-def test_half_spacing_answer_bounds_torch_bf16_rounding_and_is_reached():
-    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
-    err = (x.to(torch.bfloat16).float() - x).abs()
-    bound = bf16_half_spacing(x)
-    assert (err <= bound).all()
-    assert (err / bound).max() > 0.99  # tight: some values sit next to a midpoint
+def test_double_quant_answer_is_qlearn_memory_bits_per_param():
+    from qlearn.memory import bits_per_param
+
+    assert double_quant_bits(4, 64, 8, 256, 32) == bits_per_param("nf4", 64, double_quant=True)
+    assert double_quant_bits(4, 64, 32, 1, 0) == bits_per_param("nf4", 64) == 4.5
 
 
-def test_codes_moved_answer_is_qlearn_merging_requantize():
-    from qlearn.merging import requantize
+def test_dequantize_block_answer_is_bitsandbytes():
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    from qlearn.quant.nf4 import codebook
 
-    for w_hat, delta, blocksize, _ in nb07._cases():
-        assert codes_moved(w_hat, delta, blocksize) == pytest.approx(1 - requantize(w_hat, delta, blocksize).unchanged,
-                                                                     abs=1e-12)
-
-
-def test_codes_moved_cases_tell_the_old_absmax_mistake_apart():
-    moved = [codes_moved(w, d, b) for w, d, b, _ in nb07._cases()]
-    old = [codes_moved_old_absmax(w, d, b) for w, d, b, _ in nb07._cases()]
-    assert moved[-1] > 0.5 and old[-1] == 0.0  # the case whose absmax grows by half
+    w = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 0.03
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    got = dequantize_block(packed.reshape(-1), state.absmax[0], codebook())
+    assert torch.equal(got, bnbF.dequantize_4bit(packed, state).reshape(-1))
 
 
-def test_combine_cat_answer_is_peft_add_weighted_adapter():
+def test_lora_params_answer_is_peft_count():
     peft = pytest.importorskip("peft")
-    from torch import nn
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    model = peft.get_peft_model(nn.Sequential(nn.Linear(6, 5)), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"]),
-                                adapter_name="one")
-    model.add_adapter("two", peft.LoraConfig(r=3, lora_alpha=3, target_modules=["0"]))
-    layer = model.base_model.model[0]
-    for name in ("one", "two"):  # B = 0 would make the comparison trivial
-        nn.init.normal_(layer.lora_B[name].weight)
-    model.add_weighted_adapter(["one", "two"], [0.7, -0.4], "mix", combination_type="cat")
-    names = ["one", "two"]
-    A, B = combine_cat([layer.lora_A[n].weight.data for n in names], [layer.lora_B[n].weight.data for n in names],
-                       [layer.scaling[n] for n in names], [0.7, -0.4])
-    torch.testing.assert_close(A, layer.lora_A["mix"].weight.data)  # the same products in the same order
-    torch.testing.assert_close(B, layer.lora_B["mix"].weight.data)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    for r, targets in [(8, TARGETS), (4, ["q_proj", "v_proj"])]:
+        model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=r, lora_alpha=2 * r,
+                                                                              target_modules=targets))
+        trainable, _ = model.get_nb_trainable_parameters()
+        assert lora_params(config, r, targets) == trainable

@@ -1,8 +1,10 @@
-"""Checkers for notebook 06 (QLoRA).
+"""Checkers for notebook 06 (fine-tuning regimes).
 
-6.1 dequantize_block(fn):      fn(packed uint8 (32,), absmax, table) -> the block's 64 float32 values
-6.2 double_quant_bits(fn):     fn(code_bits, blocksize, absmax_bits, blocksize2, absmax2_bits) -> bits per parameter
-6.3 lora_params(fn):           fn(config, r, target_modules) -> number of trainable LoRA parameters
+6.1 bf16_update_survives(fn): fn(w: bf16 Tensor, update: fp32 Tensor) -> bool Tensor, whether
+                              bf16(w + update) differs from w (the update is not lost)
+6.2 lora_forward(fn):         fn(x, W, b, A, B, alpha, r) -> x W^T + b + (alpha / r) x A^T B^T
+6.3 lora_param_count(fn):     fn(config, r, target_modules) -> trainable parameters LoRA adds to a Llama
+6.4 merge_lora_weight(fn):    fn(W, A, B, alpha, r) -> W + (alpha / r) B @ A, without changing W
 """
 
 from __future__ import annotations
@@ -11,98 +13,116 @@ import torch
 
 from . import CheckResult, exercise
 
-__all__ = ["dequantize_block", "double_quant_bits", "lora_params"]
+__all__ = ["bf16_update_survives", "lora_forward", "lora_param_count", "merge_lora_weight"]
+
+# (weight, update, survives): bf16 keeps 8 significant bits, so the spacing at w in [2^e, 2^(e+1)) is
+# 2^(e-7), and an update survives round-to-nearest-even when it is more than half of it (exactly half:
+# it survives only when rounding to even moves it).
+_SURVIVE_CASES = [
+    (1.0, 1e-3, False),        # spacing above 1 is 2^-7 = 0.0078: 0.001 < 0.0039, lost
+    (1.0, 5e-3, True),         # 0.005 > 0.0039: rounds up to 1.0078
+    (1.0, -2.5e-3, True),      # below 1 the spacing halves (2^-8): 0.0025 > 0.00195
+    (0.01, 1e-5, False),       # at 0.01 the spacing is 2^-14 = 6.1e-5: a typical lr of 1e-5 is lost
+    (0.01, 4e-5, True),
+    (1000.0, 1.0, False),      # at 1000 the spacing is 4: integers are gone
+    (1.0, 2.0**-8, False),     # exactly half a spacing: a tie, rounds to even (back to 1.0)
+    (1.0078125, 2.0**-8, True),  # 1 + 2^-7 is odd: the tie rounds to even 1 + 2^-6
+]
 
 
-def double_quant_bits(fn) -> CheckResult:
-    """Exercise 6.2: code bits + first-level scales per weight + second-level scales per weight."""
-    cases = [  # (code_bits, blocksize, absmax_bits, blocksize2, absmax2_bits) -> exact answer
-        ((4, 64, 8, 256, 32), 4 + 8 / 64 + 32 / (64 * 256)),     # QLoRA: 4.127
-        ((4, 128, 8, 256, 32), 4 + 8 / 128 + 32 / (128 * 256)),  # larger blocks: 4.064
-        ((3, 32, 8, 128, 16), 3 + 8 / 32 + 16 / (32 * 128)),     # 3.254
-    ]
-    with exercise("6.2", "bits per parameter with double quantization") as ex:
-        for args, expected in cases:
-            got = fn(*args)
-            if abs(float(got) - (args[0] + args[2] / args[1] + args[4] / args[3])) < 1e-9:
-                ex.fail(f"for {args} you got {float(got):.6g}, which charges each second-level scale to "
-                        f"only blocksize2 = {args[3]} weights",
-                        hint="a second-level scale covers blocksize2 first-level blocks, i.e. "
-                             "blocksize * blocksize2 weights")
-            # 1e-9: the answer is a sum of three exact binary fractions
-            ex.close(got, expected, f"bits per parameter for {args}", atol=1e-9, rtol=0,
-                     hint="code_bits + absmax_bits / blocksize + absmax2_bits / (blocksize * blocksize2)")
+def bf16_update_survives(fn) -> CheckResult:
+    """Exercise 6.1: does adding `update` to a bf16 weight change it?"""
+    with exercise("6.1", "does a bf16 weight update survive?") as ex:
+        w = torch.tensor([c[0] for c in _SURVIVE_CASES], dtype=torch.bfloat16)
+        u = torch.tensor([c[1] for c in _SURVIVE_CASES], dtype=torch.float32)
+        expected = torch.tensor([c[2] for c in _SURVIVE_CASES])
+        got = fn(w.clone(), u.clone())
+        ex.true(isinstance(got, torch.Tensor), f"expected a bool tensor, got {type(got).__name__}")
+        ex.equal(got.bool(), expected, what=f"survives for w={[c[0] for c in _SURVIVE_CASES]}",
+                 hint="add in fp32, round the sum to bf16 (.to(torch.bfloat16)) and compare with w; comparing "
+                      "the fp32 sum with w says 'changed' for every non-zero update")
     return ex.result
 
 
-def _block(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed (32,), absmax, expected (64,)) of one NF4 block of a fixed pseudo-random weight."""
-    from qlearn.quant import nf4
-
+def _lora_case(seed: int, r: int, alpha: float, bias: bool):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(64, generator=g) * 0.03
-    state = nf4.quantize_nf4(w)
-    codes = state.codes
-    packed = (codes[0::2] << 4) | codes[1::2]  # bitsandbytes: the first code in the high nibble
-    return packed, state.absmax[0], state.dequantize()
+    out_f, in_f = 3, 5
+    x = torch.randn(2, in_f, generator=g)
+    W = torch.randn(out_f, in_f, generator=g)
+    b = torch.randn(out_f, generator=g) if bias else None
+    A = torch.randn(r, in_f, generator=g)
+    B = torch.randn(out_f, r, generator=g)
+    return x, W, b, A, B, alpha, r
 
 
-def dequantize_block(fn) -> CheckResult:
-    """Exercise 6.1: unpack two codes per byte (high nibble first), look them up, scale by absmax."""
-    from qlearn.quant.nf4 import codebook
-
-    table = codebook()
-    with exercise("6.1", "dequantize one packed NF4 block") as ex:
-        for seed in (0, 1):
-            packed, absmax, expected = _block(seed)
-            got = fn(packed.clone(), absmax.clone(), table.clone())
-            ex.tensor_like(got, expected, "the block", hint="return all 64 values: two per byte")
-            swapped = table[torch.stack([packed & 0xF, packed >> 4], 1).reshape(-1).long()] * absmax
-            if torch.allclose(got.float(), swapped, atol=1e-7):
-                ex.fail("your values come out pairwise swapped",
-                        hint="bitsandbytes stores the FIRST code of a pair in the HIGH nibble: byte >> 4 comes first")
-            if torch.allclose(got.float() * absmax, expected, atol=1e-7) or \
-                    torch.allclose(got.float(), expected / absmax, atol=1e-7):
-                ex.fail("the values are right up to the block's scale", hint="multiply table[codes] by absmax")
-            # exact: one table lookup and one float32 multiplication, as bitsandbytes' kernel does
-            ex.close(got.float(), expected, "the block", atol=0, rtol=0,
-                     hint="codes = stack([byte >> 4, byte & 0xF], dim=1).reshape(-1); values = table[codes] * absmax")
+def lora_forward(fn) -> CheckResult:
+    """Exercise 6.2: the LoRA layer's forward pass."""
+    with exercise("6.2", "LoRA forward") as ex:
+        for seed, r, alpha, bias in [(0, 2, 4.0, True), (1, 1, 1.0, False), (2, 4, 16.0, True)]:
+            x, W, b, A, B, alpha, r = _lora_case(seed, r, alpha, bias)
+            expected = x @ W.T + (0 if b is None else b) + (alpha / r) * (x @ A.T @ B.T)
+            without_scaling = x @ W.T + (0 if b is None else b) + x @ A.T @ B.T
+            got = fn(x, W, b, A, B, alpha, r)
+            if isinstance(got, torch.Tensor) and got.shape == expected.shape and r != alpha and \
+                    torch.allclose(got, without_scaling, atol=1e-5):
+                ex.fail("the low-rank update is missing its scaling", hint="multiply x A^T B^T by alpha / r")
+            ex.close(got, expected, what=f"lora_forward with r={r}, alpha={alpha}, bias={b is not None}",
+                     atol=1e-5, rtol=1e-5,  # fp32 sums in a different order
+                     hint="W is (out, in), A is (r, in), B is (out, r): x @ W.T + b + (alpha / r) * (x @ A.T @ B.T); "
+                          "skip b when it is None")
     return ex.result
 
 
-def _expected_lora_params(config, r: int, target_modules) -> int:
-    h, m, n_layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, (config.num_key_value_heads or config.num_attention_heads) * head_dim
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}  # (in, out)
-    return n_layers * sum(r * sum(shapes[t]) for t in target_modules)
-
-
-def lora_params(fn) -> CheckResult:
-    """Exercise 6.3: r * (in + out) for every adapted linear layer of a Llama config."""
+def _config(**kw):
     from transformers import LlamaConfig
 
-    all7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    tiny = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-                       num_attention_heads=4, num_key_value_heads=4)
-    gqa = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_hidden_layers=3,
-                      num_attention_heads=8, num_key_value_heads=2)  # k and v narrower than q
-    llama7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=32)
-    cases = [(tiny, 8, all7, "the course's tiny model, r=8, all 7 projections"),
-             (tiny, 4, ["q_proj", "v_proj"], "the tiny model, r=4, q and v only (the LoRA paper's choice)"),
-             (gqa, 8, all7, "a model with grouped-query attention (2 key/value heads of 8)"),
-             (llama7b, 64, all7, "LLaMA-7B, r=64, all projections (the QLoRA paper's setting)")]
-    with exercise("6.3", "count the trainable parameters of a (Q)LoRA model") as ex:
-        for config, r, targets, what in cases:
-            got = fn(config, r, list(targets))
-            expected = _expected_lora_params(config, r, targets)
-            if config is gqa and got == _expected_lora_params(
-                    LlamaConfig(**{**gqa.to_dict(), "num_key_value_heads": 8}), r, targets):
-                ex.fail(f"{what}: expected {expected}, got {got}",
-                        hint="k_proj and v_proj output num_key_value_heads * head_dim values, not hidden_size")
-            ex.equal(got, expected, what,
-                     hint="each adapted layer adds A (r x in_features) and B (out_features x r); "
-                          "sum over the targets and multiply by num_hidden_layers")
+    return LlamaConfig(**kw)
+
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (config kwargs, r, targets, expected, what): the expected counts are checked against apply_lora on
+# the same shapes in tests/test_check_nb05.py; 6,815,744 and 41,943,040 are the counts PEFT prints for
+# Llama-3-8B.
+_COUNT_CASES = [
+    (dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=4,
+          num_hidden_layers=6, vocab_size=8192), 8, ALL7, 245_760, "the course's tiny model, all 7 projections"),
+    (dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+          num_hidden_layers=32, vocab_size=128256), 16, ["q_proj", "v_proj"], 6_815_744, "Llama-3-8B, q and v"),
+    (dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+          num_hidden_layers=32, vocab_size=128256), 16, ALL7, 41_943_040, "Llama-3-8B, all 7 projections"),
+]
+
+
+def lora_param_count(fn) -> CheckResult:
+    """Exercise 6.3: the trainable parameters LoRA adds, r (in + out) per adapted layer."""
+    with exercise("6.3", "count LoRA's trainable parameters") as ex:
+        for kwargs, r, targets, expected, what in _COUNT_CASES:
+            got = fn(_config(**kwargs), r, list(targets))
+            gqa = kwargs["num_key_value_heads"] != kwargs["num_attention_heads"]
+            hint = ("each adapted (out x in) layer adds A (r x in) and B (out x r): r * (in + out), times "
+                    "num_hidden_layers")
+            if gqa:
+                hint += ("; with grouped-query attention k_proj and v_proj are narrower: out = "
+                         "num_key_value_heads * head_dim (head_dim = hidden_size // num_attention_heads)")
+            ex.equal(got, expected, what=f"{what} (r={r})", hint=hint)
+    return ex.result
+
+
+def merge_lora_weight(fn) -> CheckResult:
+    """Exercise 6.4: merge by hand, W' = W + (alpha / r) B @ A."""
+    with exercise("6.4", "merge LoRA into the weight") as ex:
+        # small integers: every product and sum is exact in fp32, so the comparison is exact
+        W = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # (out=2, in=3)
+        A = torch.tensor([[1.0, 0.0, -1.0]])                  # (r=1, in=3)
+        B = torch.tensor([[2.0], [-1.0]])                     # (out=2, r=1)
+        W_before = W.clone()
+        got = fn(W, A, B, 4.0, 1)
+        ex.equal(got, torch.tensor([[9.0, 2.0, -5.0], [0.0, 5.0, 10.0]]), what="merge with alpha=4, r=1",
+                 hint="B @ A is (out, in) like W; scale it by alpha / r and add")
+        ex.true(torch.equal(W, W_before), "your function changed W in place",
+                hint="return W + ... (a new tensor) instead of W += ..., so the base can be restored")
+        g = torch.Generator().manual_seed(5)
+        W, A, B = torch.randn(4, 6, generator=g), torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)
+        ex.close(fn(W, A, B, 8.0, 2), W + 4.0 * (B @ A), what="merge with alpha=8, r=2", atol=1e-6, rtol=1e-6,
+                 hint="the scaling is alpha / r = 4 here")
     return ex.result

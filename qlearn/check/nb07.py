@@ -1,11 +1,8 @@
-"""Checkers for notebook 07 (merging).
+"""Checkers for notebook 07 (QLoRA).
 
-7.1 bf16_half_spacing(fn): fn(x float32 Tensor) -> float32 Tensor, half the gap between the two bf16
-                           numbers around |x|: the most that rounding x to bf16 can move it
-7.2 codes_moved(fn):       fn(w_hat, delta, blocksize) -> fraction (0..1) of NF4 codes that change when
-                           delta is merged into the 4-bit weight w_hat and the sum is re-quantized
-7.3 combine_cat(fn):       fn(As, Bs, scalings, weights) -> (A', B') with B' A' = sum_i w_i s_i B_i A_i
-                           (peft's add_weighted_adapter, combination_type="cat")
+7.1 dequantize_block(fn):      fn(packed uint8 (32,), absmax, table) -> the block's 64 float32 values
+7.2 double_quant_bits(fn):     fn(code_bits, blocksize, absmax_bits, blocksize2, absmax2_bits) -> bits per parameter
+7.3 lora_params(fn):           fn(config, r, target_modules) -> number of trainable LoRA parameters
 """
 
 from __future__ import annotations
@@ -14,152 +11,98 @@ import torch
 
 from . import CheckResult, exercise
 
-__all__ = ["bf16_half_spacing", "codes_moved", "combine_cat"]
-
-# (x, half spacing): bf16 keeps 7 explicit mantissa bits, so between 2^e and 2^(e+1) its numbers are
-# 2^(e-7) apart and rounding to nearest moves x by at most half of that, 2^(e-8), e = floor(log2 |x|).
-_SPACING_CASES = [
-    (1.0, 2.0**-8),       # spacing above 1 is 2^-7 = 0.0078
-    (1.5, 2.0**-8),
-    (0.75, 2.0**-9),      # below 1 the spacing halves
-    (-3.0, 2.0**-7),      # the sign does not matter
-    (0.01, 2.0**-15),     # 2^-7 <= 0.01 < 2^-6: e = -7
-    (1000.0, 2.0**1),     # 512 <= 1000 < 1024: spacing 4, half 2
-    (0.0234375, 2.0**-14),  # 3 * 2^-7, e = -6
-]
+__all__ = ["dequantize_block", "double_quant_bits", "lora_params"]
 
 
-def bf16_half_spacing(fn) -> CheckResult:
-    """Exercise 7.1: 2^(floor(log2 |x|) - 8), the bound on |bf16(x) - x|."""
-    with exercise("7.1", "how far bf16 rounding can move a weight") as ex:
-        x = torch.tensor([c[0] for c in _SPACING_CASES])
-        expected = torch.tensor([c[1] for c in _SPACING_CASES])
-        got = fn(x.clone())
-        ex.tensor_like(got, expected, "the half spacing", hint="return one value per element of x")
-        got = got.float()
-        if torch.allclose(got, 2 * expected, rtol=0, atol=0):
-            ex.fail("you returned the whole spacing between neighbouring bf16 numbers",
-                    hint="rounding to the NEAREST number moves x by at most half the spacing: 2^(e-8)")
-        if torch.allclose(got, expected / 8, rtol=0, atol=0):
-            ex.fail("you used float16's 10 mantissa bits", hint="bf16 keeps 7 explicit mantissa bits (fp32's range)")
-        # exact: every answer is a power of two
-        ex.close(got, expected, f"half spacing at x = {[c[0] for c in _SPACING_CASES]}", atol=0, rtol=0,
-                 hint="e = floor(log2(|x|)); the bf16 numbers in [2^e, 2^(e+1)) are 2^(e-7) apart; return 2^(e-8)")
-        g = torch.Generator().manual_seed(7)
-        w = torch.randn(1000, generator=g) * 0.05  # weight-sized values: the bound must hold for each
-        err = (w.to(torch.bfloat16).float() - w).abs()
-        bound = fn(w.clone()).float()
-        ex.true(bool((err <= bound).all()), "for random weights, |bf16(w) - w| exceeds your bound somewhere",
-                hint="2^(floor(log2 |w|) - 8) for each element")
+def double_quant_bits(fn) -> CheckResult:
+    """Exercise 7.2: code bits + first-level scales per weight + second-level scales per weight."""
+    cases = [  # (code_bits, blocksize, absmax_bits, blocksize2, absmax2_bits) -> exact answer
+        ((4, 64, 8, 256, 32), 4 + 8 / 64 + 32 / (64 * 256)),     # QLoRA: 4.127
+        ((4, 128, 8, 256, 32), 4 + 8 / 128 + 32 / (128 * 256)),  # larger blocks: 4.064
+        ((3, 32, 8, 128, 16), 3 + 8 / 32 + 16 / (32 * 128)),     # 3.254
+    ]
+    with exercise("7.2", "bits per parameter with double quantization") as ex:
+        for args, expected in cases:
+            got = fn(*args)
+            if abs(float(got) - (args[0] + args[2] / args[1] + args[4] / args[3])) < 1e-9:
+                ex.fail(f"for {args} you got {float(got):.6g}, which charges each second-level scale to "
+                        f"only blocksize2 = {args[3]} weights",
+                        hint="a second-level scale covers blocksize2 first-level blocks, i.e. "
+                             "blocksize * blocksize2 weights")
+            # 1e-9: the answer is a sum of three exact binary fractions
+            ex.close(got, expected, f"bits per parameter for {args}", atol=1e-9, rtol=0,
+                     hint="code_bits + absmax_bits / blocksize + absmax2_bits / (blocksize * blocksize2)")
     return ex.result
 
 
-def _moved(w_hat: torch.Tensor, delta: torch.Tensor, blocksize: int) -> float:
-    from qlearn.merging import requantize
-
-    return 1.0 - requantize(w_hat, delta, blocksize).unchanged
-
-
-def _w_hat(g: torch.Generator, shape: tuple[int, ...], blocksize: int) -> torch.Tensor:
-    """A weight as a 4-bit layer computes with: dequantize(quantize(w))."""
+def _block(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed (32,), absmax, expected (64,)) of one NF4 block of a fixed pseudo-random weight."""
     from qlearn.quant import nf4
 
-    return nf4.quantize_nf4(torch.randn(shape, generator=g) * 0.02, blocksize).dequantize()
-
-
-def _cases() -> list[tuple[torch.Tensor, torch.Tensor, int, str]]:
-    g = torch.Generator().manual_seed(3)
-    cases = []
-    for shape, blocksize, scale, what in [((4, 64), 64, 2e-3, "a (4, 64) weight, a mid-sized update"),
-                                          ((8, 128), 64, 1e-4, "a (8, 128) weight, a tiny update"),
-                                          ((2, 256), 128, 5e-3, "a (2, 256) weight in blocks of 128")]:
-        w_hat = _w_hat(g, shape, blocksize)
-        cases.append((w_hat, torch.randn(shape, generator=g) * scale, blocksize, what))
-    # a block whose largest weight grows: its absmax changes, so codes move all over the block
-    w_hat = _w_hat(g, (1, 64), 64)
-    delta = torch.zeros(1, 64)
-    delta.view(-1)[int(w_hat.abs().argmax())] = w_hat.abs().max() * 0.5 * w_hat.view(-1)[int(w_hat.abs().argmax())].sign()
-    cases.append((w_hat, delta, 64, "one weight grows the block's absmax by 50%"))
-    return cases
-
-
-def _moved_keeping_absmax(w_hat: torch.Tensor, delta: torch.Tensor, blocksize: int) -> float:
-    """The usual mistake: re-quantize with the OLD block scales."""
-    from qlearn.quant import nf4
-
-    state = nf4.quantize_nf4(w_hat, blocksize)
-    codes, absmax = state.codes, state.absmax
-    table = nf4.codebook()
-    blocks = (w_hat + delta).reshape(-1, blocksize) / absmax.unsqueeze(1)  # (n_blocks, blocksize)
-    mid = (table[:-1] + table[1:]) / 2
-    after = torch.bucketize(blocks.clamp(-1, 1), mid).reshape(w_hat.shape)
-    return (after != codes.long()).double().mean().item()
-
-
-def codes_moved(fn) -> CheckResult:
-    """Exercise 7.2: the fraction of 4-bit codes a merge changes (peft's Linear4bit.merge re-quantizes)."""
-    with exercise("7.2", "fraction of NF4 codes a merge moves") as ex:
-        for w_hat, delta, blocksize, what in _cases():
-            got = fn(w_hat.clone(), delta.clone(), blocksize)
-            expected = _moved(w_hat, delta, blocksize)
-            try:
-                g = float(got)
-            except (TypeError, ValueError):
-                ex.fail(f"{what}: expected a number, got {type(got).__name__}", hint="return a float in 0..1")
-            if expected != 0.5 and abs(g - (1.0 - expected)) < 1e-9:
-                ex.fail(f"{what}: expected {expected:.6g}, got {g:.6g}, the fraction that did NOT move",
-                        hint="count codes_before != codes_after")
-            if abs(g - _moved_keeping_absmax(w_hat, delta, blocksize)) < 1e-9 and abs(g - expected) > 1e-9:
-                ex.fail(f"{what}: expected {expected:.6g}, got {g:.6g}, as if the old block scales were kept",
-                        hint="re-quantizing computes a NEW absmax per block of W_hat + delta "
-                             "(qlearn.quant.nf4.quantize_nf4 does it all)")
-            # exact: a count of equal integer codes over a fixed number of elements
-            ex.close(g, expected, what, atol=1e-12, rtol=0,
-                     hint="codes_before = quantize_nf4(w_hat, blocksize).codes; codes_after = "
-                          "quantize_nf4(w_hat + delta, blocksize).codes; return the mean of codes_before != codes_after")
-    return ex.result
-
-
-def _adapters(seed: int, ranks: list[int], d_in: int = 6, d_out: int = 5):
     g = torch.Generator().manual_seed(seed)
-    As = [torch.randn(r, d_in, generator=g) for r in ranks]
-    Bs = [torch.randn(d_out, r, generator=g) for r in ranks]
-    return As, Bs
+    w = torch.randn(64, generator=g) * 0.03
+    state = nf4.quantize_nf4(w)
+    codes = state.codes
+    packed = (codes[0::2] << 4) | codes[1::2]  # bitsandbytes: the first code in the high nibble
+    return packed, state.absmax[0], state.dequantize()
 
 
-def combine_cat(fn) -> CheckResult:
-    """Exercise 7.3: one adapter holding the weighted sum of several, exactly ("cat")."""
-    from qlearn.merging import combine_adapters
+def dequantize_block(fn) -> CheckResult:
+    """Exercise 7.1: unpack two codes per byte (high nibble first), look them up, scale by absmax."""
+    from qlearn.quant.nf4 import codebook
 
-    cases = [([2, 2], [2.0, 1.0], [1.0, 1.0], "two rank-2 adapters, scalings 2 and 1, weights 1 and 1"),
-             ([2, 3], [2.0, 0.5], [0.7, 0.3], "ranks 2 and 3, weights 0.7 and 0.3"),
-             ([1, 2, 1], [1.0, 2.0, 4.0], [0.5, -1.0, 0.25], "three adapters, one with a negative weight")]
-    with exercise("7.3", "combine adapters by concatenation") as ex:
-        for seed, (ranks, scalings, weights, what) in enumerate(cases):
-            As, Bs = _adapters(seed, ranks)
-            got = fn([A.clone() for A in As], [B.clone() for B in Bs], list(scalings), list(weights))
-            if not (isinstance(got, tuple) and len(got) == 2):
-                ex.fail(f"{what}: expected a tuple (A, B), got {type(got).__name__}", hint="return A, B")
-            A, B = got
-            exp_A, exp_B = combine_adapters(As, Bs, scalings, weights, "cat")
-            ex.tensor_like(A, exp_A, f"{what}: A'",
-                           hint=f"stack the A_i along the rank dimension (dim 0): ({sum(ranks)}, in)")
-            ex.tensor_like(B, exp_B, f"{what}: B'",
-                           hint=f"concatenate the B_i along the rank dimension (dim 1): (out, {sum(ranks)})")
-            exact = sum(w * s * B_i @ A_i for A_i, B_i, s, w in zip(As, Bs, scalings, weights))
-            got_delta = B.float() @ A.float()
-            if any(w != 1.0 for w in weights) and torch.allclose(
-                    got_delta, sum(w * w * s * B_i @ A_i for A_i, B_i, s, w in zip(As, Bs, scalings, weights)),
-                    atol=1e-4):
-                ex.fail(f"{what}: the weights come out squared",
-                        hint="put w_i * s_i on ONE side (peft: on A), not on both A and B")
-            if any(s != 1.0 for s in scalings) and torch.allclose(
-                    got_delta, sum(w * B_i @ A_i for A_i, B_i, w in zip(As, Bs, weights)), atol=1e-4):
-                ex.fail(f"{what}: each adapter's scaling alpha / r is missing",
-                        hint="the new adapter has scaling 1, so fold s_i into A_i: w_i * s_i * A_i")
-            # float32 products of a few terms, summed in another order: 1e-4 on values of size ~10
-            ex.close(got_delta, exact, f"{what}: B' A'", atol=1e-4, rtol=1e-5,
-                     hint="A' = cat([w_i * s_i * A_i], dim=0), B' = cat([B_i], dim=1)")
-            ex.close(A.float(), exp_A, f"{what}: A' (peft's layout)", atol=1e-6, rtol=1e-6,
-                     hint="peft scales A (w_i * s_i * A_i) and leaves each B_i as it is")
+    table = codebook()
+    with exercise("7.1", "dequantize one packed NF4 block") as ex:
+        for seed in (0, 1):
+            packed, absmax, expected = _block(seed)
+            got = fn(packed.clone(), absmax.clone(), table.clone())
+            ex.tensor_like(got, expected, "the block", hint="return all 64 values: two per byte")
+            swapped = table[torch.stack([packed & 0xF, packed >> 4], 1).reshape(-1).long()] * absmax
+            if torch.allclose(got.float(), swapped, atol=1e-7):
+                ex.fail("your values come out pairwise swapped",
+                        hint="bitsandbytes stores the FIRST code of a pair in the HIGH nibble: byte >> 4 comes first")
+            if torch.allclose(got.float() * absmax, expected, atol=1e-7) or \
+                    torch.allclose(got.float(), expected / absmax, atol=1e-7):
+                ex.fail("the values are right up to the block's scale", hint="multiply table[codes] by absmax")
+            # exact: one table lookup and one float32 multiplication, as bitsandbytes' kernel does
+            ex.close(got.float(), expected, "the block", atol=0, rtol=0,
+                     hint="codes = stack([byte >> 4, byte & 0xF], dim=1).reshape(-1); values = table[codes] * absmax")
+    return ex.result
+
+
+def _expected_lora_params(config, r: int, target_modules) -> int:
+    h, m, n_layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, (config.num_key_value_heads or config.num_attention_heads) * head_dim
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}  # (in, out)
+    return n_layers * sum(r * sum(shapes[t]) for t in target_modules)
+
+
+def lora_params(fn) -> CheckResult:
+    """Exercise 7.3: r * (in + out) for every adapted linear layer of a Llama config."""
+    from transformers import LlamaConfig
+
+    all7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    tiny = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                       num_attention_heads=4, num_key_value_heads=4)
+    gqa = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=2)  # k and v narrower than q
+    llama7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=32)
+    cases = [(tiny, 8, all7, "the course's tiny model, r=8, all 7 projections"),
+             (tiny, 4, ["q_proj", "v_proj"], "the tiny model, r=4, q and v only (the LoRA paper's choice)"),
+             (gqa, 8, all7, "a model with grouped-query attention (2 key/value heads of 8)"),
+             (llama7b, 64, all7, "LLaMA-7B, r=64, all projections (the QLoRA paper's setting)")]
+    with exercise("7.3", "count the trainable parameters of a (Q)LoRA model") as ex:
+        for config, r, targets, what in cases:
+            got = fn(config, r, list(targets))
+            expected = _expected_lora_params(config, r, targets)
+            if config is gqa and got == _expected_lora_params(
+                    LlamaConfig(**{**gqa.to_dict(), "num_key_value_heads": 8}), r, targets):
+                ex.fail(f"{what}: expected {expected}, got {got}",
+                        hint="k_proj and v_proj output num_key_value_heads * head_dim values, not hidden_size")
+            ex.equal(got, expected, what,
+                     hint="each adapted layer adds A (r x in_features) and B (out_features x r); "
+                          "sum over the targets and multiply by num_hidden_layers")
     return ex.result

@@ -1,108 +1,165 @@
-"""Checkers for notebook 08 (the format landscape, GGUF, the memory calculator).
+"""Checkers for notebook 08 (merging).
 
-8.1 bits_per_weight(fn):    fn(code_bits, block_size, metadata_bits) -> float, storage bits per weight
-8.2 q4_0_block(fn):         fn(x: 32 float32 values) -> (d, codes), llama.cpp's Q4_0 block unpacked
-8.3 weight_bytes(fn):       fn(shape: qlearn.memory.Shape, bits_per_weight) -> bytes of a Llama's weights
-8.4 adamw_state_bytes(fn):  fn(n_params, state_bits, blocksize=256) -> bytes of AdamW's two states
+8.1 bf16_half_spacing(fn): fn(x float32 Tensor) -> float32 Tensor, half the gap between the two bf16
+                           numbers around |x|: the most that rounding x to bf16 can move it
+8.2 codes_moved(fn):       fn(w_hat, delta, blocksize) -> fraction (0..1) of NF4 codes that change when
+                           delta is merged into the 4-bit weight w_hat and the sum is re-quantized
+8.3 combine_cat(fn):       fn(As, Bs, scalings, weights) -> (A', B') with B' A' = sum_i w_i s_i B_i A_i
+                           (peft's add_weighted_adapter, combination_type="cat")
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
-from .. import memory
 from . import CheckResult, exercise
 
-__all__ = ["adamw_state_bytes", "bits_per_weight", "q4_0_block", "weight_bytes"]
+__all__ = ["bf16_half_spacing", "codes_moved", "combine_cat"]
 
-# (code bits, values per block, metadata bits per block, expected, the format)
-_BLOCK_CASES = [
-    (8, 32, 16, 8.5, "Q8_0: an fp16 scale per 32 int8 codes"),
-    (4, 32, 16, 4.5, "Q4_0: an fp16 scale per 32 4-bit codes"),
-    (4, 32, 32, 5.0, "Q4_1: an fp16 scale and an fp16 minimum"),
-    (4, 64, 32, 4.5, "NF4: an fp32 absmax per 64"),
-    (4, 64, 8 + 32 / 256, 4 + 8 / 64 + 32 / (64 * 256), "NF4 + double quantization"),
-    (4, 256, 8 * 12 + 32, 4.5, "Q4_K: 8 sub-blocks with a 6-bit scale and min, fp16 d and dmin"),
-    (6, 256, 16 * 8 + 16, 6.5625, "Q6_K: 16 int8 scales and an fp16 d"),
+# (x, half spacing): bf16 keeps 7 explicit mantissa bits, so between 2^e and 2^(e+1) its numbers are
+# 2^(e-7) apart and rounding to nearest moves x by at most half of that, 2^(e-8), e = floor(log2 |x|).
+_SPACING_CASES = [
+    (1.0, 2.0**-8),       # spacing above 1 is 2^-7 = 0.0078
+    (1.5, 2.0**-8),
+    (0.75, 2.0**-9),      # below 1 the spacing halves
+    (-3.0, 2.0**-7),      # the sign does not matter
+    (0.01, 2.0**-15),     # 2^-7 <= 0.01 < 2^-6: e = -7
+    (1000.0, 2.0**1),     # 512 <= 1000 < 1024: spacing 4, half 2
+    (0.0234375, 2.0**-14),  # 3 * 2^-7, e = -6
 ]
 
 
-def bits_per_weight(fn) -> CheckResult:
-    """Exercise 8.1: a block format's bits per weight = code bits + metadata bits / block size."""
-    with exercise("8.1", "bits per weight of a block format") as ex:
-        for code_bits, block, meta, expected, name in _BLOCK_CASES:
-            got = fn(code_bits, block, meta)
-            ex.close(got, expected, what=f"bits_per_weight({code_bits}, {block}, {meta:g}) for {name}",
-                     atol=1e-9, rtol=0.0,
-                     hint="the block's metadata (scales, minimums) is shared by its block_size weights: "
-                          "add metadata_bits / block_size to the code bits")
+def bf16_half_spacing(fn) -> CheckResult:
+    """Exercise 8.1: 2^(floor(log2 |x|) - 8), the bound on |bf16(x) - x|."""
+    with exercise("8.1", "how far bf16 rounding can move a weight") as ex:
+        x = torch.tensor([c[0] for c in _SPACING_CASES])
+        expected = torch.tensor([c[1] for c in _SPACING_CASES])
+        got = fn(x.clone())
+        ex.tensor_like(got, expected, "the half spacing", hint="return one value per element of x")
+        got = got.float()
+        if torch.allclose(got, 2 * expected, rtol=0, atol=0):
+            ex.fail("you returned the whole spacing between neighbouring bf16 numbers",
+                    hint="rounding to the NEAREST number moves x by at most half the spacing: 2^(e-8)")
+        if torch.allclose(got, expected / 8, rtol=0, atol=0):
+            ex.fail("you used float16's 10 mantissa bits", hint="bf16 keeps 7 explicit mantissa bits (fp32's range)")
+        # exact: every answer is a power of two
+        ex.close(got, expected, f"half spacing at x = {[c[0] for c in _SPACING_CASES]}", atol=0, rtol=0,
+                 hint="e = floor(log2(|x|)); the bf16 numbers in [2^e, 2^(e+1)) are 2^(e-7) apart; return 2^(e-8)")
+        g = torch.Generator().manual_seed(7)
+        w = torch.randn(1000, generator=g) * 0.05  # weight-sized values: the bound must hold for each
+        err = (w.to(torch.bfloat16).float() - w).abs()
+        bound = fn(w.clone()).float()
+        ex.true(bool((err <= bound).all()), "for random weights, |bf16(w) - w| exceeds your bound somewhere",
+                hint="2^(floor(log2 |w|) - 8) for each element")
     return ex.result
 
 
-def _gguf_q4_0(x: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(stored fp16 scale, the 32 codes) of one block as gguf's quantizer writes it."""
-    import gguf
+def _moved(w_hat: torch.Tensor, delta: torch.Tensor, blocksize: int) -> float:
+    from qlearn.merging import requantize
 
-    raw = gguf.quants.quantize(x.numpy().reshape(1, 32), gguf.GGMLQuantizationType.Q4_0).reshape(-1)
-    d = float(raw[:2].view(np.float16)[0])
-    packed = torch.from_numpy(raw[2:].astype(np.int64))
-    return d, torch.cat([packed & 0xF, packed >> 4])
+    return 1.0 - requantize(w_hat, delta, blocksize).unchanged
 
 
-def _q4_0_cases() -> list[torch.Tensor]:
-    ramp = (torch.tensor(list(range(16)) + list(range(15, -1, -1))) - 8).float()  # d = 1, codes 0..15
-    g = torch.Generator().manual_seed(8)
-    rand = torch.randn(32, generator=g) * 0.02
-    positive_max = rand.clone()
-    positive_max[3] = 0.1  # M > 0: d < 0
-    tie = rand.clone()
-    tie[5], tie[9] = -0.1, 0.1  # |M| twice: the first sets d; the other is -M and clips from 16 to 15
-    return [ramp, rand, positive_max, tie]
+def _w_hat(g: torch.Generator, shape: tuple[int, ...], blocksize: int) -> torch.Tensor:
+    """A weight as a 4-bit layer computes with: dequantize(quantize(w))."""
+    from qlearn.quant import nf4
+
+    return nf4.quantize_nf4(torch.randn(shape, generator=g) * 0.02, blocksize).dequantize()
 
 
-def q4_0_block(fn) -> CheckResult:
-    """Exercise 8.2: d = M / -8 (M: the largest magnitude, sign kept), q = min(15, trunc(x/d + 8.5))."""
-    with exercise("8.2", "one Q4_0 block") as ex:
-        for i, x in enumerate(_q4_0_cases()):
-            got = fn(x.clone())
-            ex.true(isinstance(got, tuple) and len(got) == 2, f"return (d, codes), got {type(got).__name__}")
-            d, codes = got
-            d_ref, codes_ref = _gguf_q4_0(x)
-            ex.close(float(d), d_ref, what=f"d of block {i}", atol=0.0, rtol=2**-10,  # fp16 storage of d
-                     hint="d = M / -8 where M is the value of largest magnitude WITH its sign (not absmax)")
-            codes = torch.as_tensor(codes).reshape(-1).to(torch.int64)
-            ex.equal(codes, codes_ref, what=f"codes of block {i}",
-                     hint="q = trunc(x / d + 8.5), then clip to 0..15 (the value -M lands on 16); "
-                          "trunc, not round: 8.5 = the offset 8 plus 0.5 for rounding")
+def _cases() -> list[tuple[torch.Tensor, torch.Tensor, int, str]]:
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for shape, blocksize, scale, what in [((4, 64), 64, 2e-3, "a (4, 64) weight, a mid-sized update"),
+                                          ((8, 128), 64, 1e-4, "a (8, 128) weight, a tiny update"),
+                                          ((2, 256), 128, 5e-3, "a (2, 256) weight in blocks of 128")]:
+        w_hat = _w_hat(g, shape, blocksize)
+        cases.append((w_hat, torch.randn(shape, generator=g) * scale, blocksize, what))
+    # a block whose largest weight grows: its absmax changes, so codes move all over the block
+    w_hat = _w_hat(g, (1, 64), 64)
+    delta = torch.zeros(1, 64)
+    delta.view(-1)[int(w_hat.abs().argmax())] = w_hat.abs().max() * 0.5 * w_hat.view(-1)[int(w_hat.abs().argmax())].sign()
+    cases.append((w_hat, delta, 64, "one weight grows the block's absmax by 50%"))
+    return cases
+
+
+def _moved_keeping_absmax(w_hat: torch.Tensor, delta: torch.Tensor, blocksize: int) -> float:
+    """The usual mistake: re-quantize with the OLD block scales."""
+    from qlearn.quant import nf4
+
+    state = nf4.quantize_nf4(w_hat, blocksize)
+    codes, absmax = state.codes, state.absmax
+    table = nf4.codebook()
+    blocks = (w_hat + delta).reshape(-1, blocksize) / absmax.unsqueeze(1)  # (n_blocks, blocksize)
+    mid = (table[:-1] + table[1:]) / 2
+    after = torch.bucketize(blocks.clamp(-1, 1), mid).reshape(w_hat.shape)
+    return (after != codes.long()).double().mean().item()
+
+
+def codes_moved(fn) -> CheckResult:
+    """Exercise 8.2: the fraction of 4-bit codes a merge changes (peft's Linear4bit.merge re-quantizes)."""
+    with exercise("8.2", "fraction of NF4 codes a merge moves") as ex:
+        for w_hat, delta, blocksize, what in _cases():
+            got = fn(w_hat.clone(), delta.clone(), blocksize)
+            expected = _moved(w_hat, delta, blocksize)
+            try:
+                g = float(got)
+            except (TypeError, ValueError):
+                ex.fail(f"{what}: expected a number, got {type(got).__name__}", hint="return a float in 0..1")
+            if expected != 0.5 and abs(g - (1.0 - expected)) < 1e-9:
+                ex.fail(f"{what}: expected {expected:.6g}, got {g:.6g}, the fraction that did NOT move",
+                        hint="count codes_before != codes_after")
+            if abs(g - _moved_keeping_absmax(w_hat, delta, blocksize)) < 1e-9 and abs(g - expected) > 1e-9:
+                ex.fail(f"{what}: expected {expected:.6g}, got {g:.6g}, as if the old block scales were kept",
+                        hint="re-quantizing computes a NEW absmax per block of W_hat + delta "
+                             "(qlearn.quant.nf4.quantize_nf4 does it all)")
+            # exact: a count of equal integer codes over a fixed number of elements
+            ex.close(g, expected, what, atol=1e-12, rtol=0,
+                     hint="codes_before = quantize_nf4(w_hat, blocksize).codes; codes_after = "
+                          "quantize_nf4(w_hat + delta, blocksize).codes; return the mean of codes_before != codes_after")
     return ex.result
 
 
-def weight_bytes(fn) -> CheckResult:
-    """Exercise 8.3: block linear layers at `bits_per_weight`, embeddings, head and norms in 16-bit."""
-    with exercise("8.3", "bytes of a model's weights") as ex:
-        for name, bpw in (("llama-13b", 4.5), ("llama-7b", 8.5), ("tiny", 4.5)):
-            shape = memory.shape_of(name)
-            expected = shape.linear_params * bpw / 8 + (shape.params - shape.linear_params) * 2
-            got = fn(shape, bpw)
-            ex.close(got, expected, what=f"weight_bytes({name}, {bpw})", atol=1.0, rtol=0.0,
-                     hint="only the block linear layers (shape.linear_params) are quantized; the "
-                          "embedding, head and norms (shape.params - shape.linear_params) stay 16-bit, "
-                          "2 bytes each; bits / 8 = bytes")
-    return ex.result
+def _adapters(seed: int, ranks: list[int], d_in: int = 6, d_out: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    As = [torch.randn(r, d_in, generator=g) for r in ranks]
+    Bs = [torch.randn(d_out, r, generator=g) for r in ranks]
+    return As, Bs
 
 
-def adamw_state_bytes(fn) -> CheckResult:
-    """Exercise 8.4: two states per parameter; 8-bit states add an fp32 absmax per block."""
-    cases = [(1000, 32, 8000), (10**6, 16, 4 * 10**6), (10**6, 8, 2 * (10**6 + 4 * math.ceil(10**6 / 256))),
-             (100, 8, 2 * (100 + 4))]
-    with exercise("8.4", "AdamW state bytes") as ex:
-        for n, bits, expected in cases:
-            got = fn(n, bits)
-            hint = ("AdamW keeps two states per parameter (m and v), each bits / 8 bytes"
-                    if bits != 8 else "8-bit states: 1 byte per value per state, plus one fp32 absmax "
-                    "(4 bytes) per block of 256 values, rounded up (ceil), for each of the two states")
-            ex.close(got, expected, what=f"adamw_state_bytes({n}, {bits})", atol=0.0, rtol=0.0, hint=hint)
+def combine_cat(fn) -> CheckResult:
+    """Exercise 8.3: one adapter holding the weighted sum of several, exactly ("cat")."""
+    from qlearn.merging import combine_adapters
+
+    cases = [([2, 2], [2.0, 1.0], [1.0, 1.0], "two rank-2 adapters, scalings 2 and 1, weights 1 and 1"),
+             ([2, 3], [2.0, 0.5], [0.7, 0.3], "ranks 2 and 3, weights 0.7 and 0.3"),
+             ([1, 2, 1], [1.0, 2.0, 4.0], [0.5, -1.0, 0.25], "three adapters, one with a negative weight")]
+    with exercise("8.3", "combine adapters by concatenation") as ex:
+        for seed, (ranks, scalings, weights, what) in enumerate(cases):
+            As, Bs = _adapters(seed, ranks)
+            got = fn([A.clone() for A in As], [B.clone() for B in Bs], list(scalings), list(weights))
+            if not (isinstance(got, tuple) and len(got) == 2):
+                ex.fail(f"{what}: expected a tuple (A, B), got {type(got).__name__}", hint="return A, B")
+            A, B = got
+            exp_A, exp_B = combine_adapters(As, Bs, scalings, weights, "cat")
+            ex.tensor_like(A, exp_A, f"{what}: A'",
+                           hint=f"stack the A_i along the rank dimension (dim 0): ({sum(ranks)}, in)")
+            ex.tensor_like(B, exp_B, f"{what}: B'",
+                           hint=f"concatenate the B_i along the rank dimension (dim 1): (out, {sum(ranks)})")
+            exact = sum(w * s * B_i @ A_i for A_i, B_i, s, w in zip(As, Bs, scalings, weights))
+            got_delta = B.float() @ A.float()
+            if any(w != 1.0 for w in weights) and torch.allclose(
+                    got_delta, sum(w * w * s * B_i @ A_i for A_i, B_i, s, w in zip(As, Bs, scalings, weights)),
+                    atol=1e-4):
+                ex.fail(f"{what}: the weights come out squared",
+                        hint="put w_i * s_i on ONE side (peft: on A), not on both A and B")
+            if any(s != 1.0 for s in scalings) and torch.allclose(
+                    got_delta, sum(w * B_i @ A_i for A_i, B_i, w in zip(As, Bs, weights)), atol=1e-4):
+                ex.fail(f"{what}: each adapter's scaling alpha / r is missing",
+                        hint="the new adapter has scaling 1, so fold s_i into A_i: w_i * s_i * A_i")
+            # float32 products of a few terms, summed in another order: 1e-4 on values of size ~10
+            ex.close(got_delta, exact, f"{what}: B' A'", atol=1e-4, rtol=1e-5,
+                     hint="A' = cat([w_i * s_i * A_i], dim=0), B' = cat([B_i], dim=1)")
+            ex.close(A.float(), exp_A, f"{what}: A' (peft's layout)", atol=1e-6, rtol=1e-6,
+                     hint="peft scales A (w_i * s_i * A_i) and leaves each B_i as it is")
     return ex.result

@@ -83,7 +83,7 @@ def _device() -> Check:
                                           f"an NVIDIA GPU ({gpu})",
                          f"for the GPU: {CUDA_TORCH}  (PyPI's Linux build includes CUDA; other CUDA "
                          "versions: pytorch.org)", required=False)
-        return Check("device", True, "cpu (no CUDA GPU: every notebook runs; notebook 09 shows recorded GPU "
+        return Check("device", True, "cpu (no CUDA GPU: every notebook runs; notebook 10 shows recorded GPU "
                                      "results)", required=False)
     try:
         p = torch.cuda.get_device_properties(0)

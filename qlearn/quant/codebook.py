@@ -9,7 +9,7 @@ and Lloyd's algorithm (1-D k-means) moves each centroid to the mean of the value
 which never increases the squared error. Initialised at the quantiles (k + 1/2)/K of x, so the
 result is deterministic. Linear quantization is the special case of an evenly spaced table; a
 learned table puts more levels where the values are dense (around 0 for weights), so it wins at
-the same bits. NF4 (notebook 03/06) is a *fixed* table, chosen once for normally distributed
+the same bits. NF4 (notebook 03/07) is a *fixed* table, chosen once for normally distributed
 weights, so no table has to be stored per tensor; AQLM learns *additive* codebooks over groups of
 8 weights (a vector is a sum of entries from several tables), reaching ~2 bits per weight.
 

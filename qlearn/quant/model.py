@@ -2,7 +2,7 @@
 
 Simulated quantization: each weight is replaced by its quantized-then-dequantized values (same dtype,
 same module), so the model runs as before and its accuracy is exactly that of the quantized weights;
-the memory saving is reported, not realized (packing and fast kernels are notebook 08's topic).
+the memory saving is reported, not realized (packing and fast kernels are notebook 09's topic).
 
 Left in high precision by default (`exclude=("lm_head",)`, matched by qlearn.modules' rule): `lm_head` (the output projection; quantizing it costs the most
 perplexity per bit, and GPTQ, AWQ and bitsandbytes' LLM.int8 keep it too) and the embeddings (an
