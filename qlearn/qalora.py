@@ -74,9 +74,11 @@ def _check_adapter(r, alpha, dropout) -> None:
 
 
 class QuantizedLinear(nn.Module):
-    """h = W_hat x + b, W_hat = scale (q - z) dequantized from a group-quantized QTensor on every call.
+    """h = W_hat x + b with W_hat = scale (q - z) from a group-quantized QTensor.
 
-    The codes, scales and zero points are buffers (they move with `.to(device)`), bias a frozen parameter."""
+    The codes, scales and zero points are buffers (they move with `.to(device)`), bias a frozen parameter.
+    W_hat is dequantized once and kept until a buffer changes (a simulation on plain PyTorch: a fused 4-bit
+    kernel dequantizes tiles on the fly instead and never holds W_hat)."""
 
     def __init__(self, qweight: QTensor, bias: Tensor | None = None):
         super().__init__()
@@ -88,14 +90,24 @@ class QuantizedLinear(nn.Module):
                       if f.name not in ("q", "scale", "zero_point")}
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.out_features, self.in_features = qweight.shape
+        self._cache = (None, None)  # (key, W_hat)
 
     @property
     def qweight(self) -> QTensor:
         """The QTensor these buffers hold (the same tensors, no copy)."""
         return QTensor(self.q, self.scale, self.zero_point, **self._meta)
 
+    def dequantized(self) -> Tensor:
+        """W_hat (out, in) in the quantized weight's dtype; recomputed when a buffer was changed or moved."""
+        if torch.is_inference_mode_enabled():  # an inference tensor could not be saved for a later backward
+            return self.qweight.dequantize()
+        key = tuple((t.data_ptr(), t._version) for t in (self.q, self.scale, self.zero_point))
+        if self._cache[0] != key:
+            self._cache = (key, self.qweight.dequantize())
+        return self._cache[1]
+
     def forward(self, x: Tensor) -> Tensor:
-        w_hat = self.qweight.dequantize()  # (out, in) in the quantized weight's dtype
+        w_hat = self.dequantized()
         return F.linear(x.to(w_hat.dtype), w_hat, None if self.bias is None else self.bias.to(w_hat.dtype))
 
     def extra_repr(self) -> str:

@@ -125,6 +125,21 @@ def test_zero_point_precision_float32_exact_fp16_close_integers_lose_small_updat
     assert not torch.equal(layer.merge().dequantize(), qweight.dequantize())
 
 
+def test_quantized_linear_dequantizes_again_after_a_buffer_changes():
+    layer, qweight = layer_with_update()
+    x = torch.randn(3, 256)
+    with torch.inference_mode():
+        layer.base(x)  # not cached: an inference tensor could not be saved for the backward below
+    y = layer.base(x)
+    assert torch.equal(layer.base(x), y)  # cached W_hat
+    with torch.no_grad():
+        layer.base.zero_point.add_(1.0)  # in place: the cache must notice
+    torch.testing.assert_close(layer.base(x), y - x @ qweight.scale.expand(48, 4, 64).reshape(48, 256).T,
+                               atol=1e-5, rtol=1e-5)  # W_hat - scale: float32 sums of 256 products
+    layer(x.requires_grad_()).sum().backward()
+    assert x.grad is not None
+
+
 def test_gradients_reach_a_and_b():
     layer, _ = layer_with_update()
     layer(torch.randn(4, 256)).square().sum().backward()
