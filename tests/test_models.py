@@ -72,10 +72,15 @@ def test_nf4_model_is_close_to_full_precision_and_really_4bit(tiny):
     q, _ = qlearn.load_model("tiny", quantization="nf4", device="cpu")
     layers = [m for m in q.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 6 * 7  # every projection of every block; lm_head stays in high precision
-    assert layers[0].weight.quant_state.quant_type == "nf4"
+    assert layers[0].weight.quant_state.quant_type == "nf4" and layers[0].weight.quant_state.nested
+    # on a CPU the 4-bit layers compute in float32 (bf16 is emulated there, 10x slower): QLoRA's recipe otherwise
+    assert all(m.compute_dtype == torch.float32 for m in layers)
+    assert qlearn.models.bnb_config("nf4").bnb_4bit_compute_dtype == torch.bfloat16
+    assert not any(qlearn.models.is_repacked(m) for m in layers)  # load_model kept the standard layout
     ref = qlearn.perplexity(model, tok)
     ppl = qlearn.perplexity(q, tok)
     assert ref < ppl < 1.10 * ref  # the card's claim: NF4 within 10% of full precision
+    assert not any(qlearn.models.is_repacked(m) for m in layers)  # not even after eval-mode passes
 
 
 def test_load_model_errors():
