@@ -41,6 +41,20 @@ def test_doctor_fails_with_a_fix_when_the_model_is_missing(tmp_path, monkeypatch
     assert out.rstrip().endswith("not ready: fix the FAIL lines above")
 
 
+def test_doctor_warns_on_a_cpu_build_of_torch_beside_an_nvidia_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build, as the README's CPU index gives
+    monkeypatch.setattr(doctor, "_nvidia_gpu", lambda: "/proc/driver/nvidia/gpus")
+    check = doctor._device()
+    assert check.status == "WARN" and "is a CPU build, but this machine has an NVIDIA GPU (/proc/driver/nvidia/gpus)" \
+        in check.detail
+    assert "pip install --force-reinstall torch==2.13.0 --index-url https://pypi.org/simple" in check.fix
+    monkeypatch.setattr(doctor, "_nvidia_gpu", lambda: "")  # no GPU: the CPU build is what this machine needs
+    assert doctor._device().status == "OK"
+
+
 def test_an_optional_failure_warns_without_failing_the_report():
     checks = [doctor.Check("torch", True, "2.13"), doctor.Check("jupyterlab", False, "not installed", "pip ...",
                                                                  required=False)]
