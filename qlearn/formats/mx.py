@@ -11,8 +11,8 @@ FP8, FP6 or FP4 format `elem`:
 emax is the exponent of the element's largest power of two (MX_EMAX: fp4_e2m1 2, fp6_e2m3 2, fp6_e3m2 4,
 fp8_e4m3 8, fp8_e5m2 15). The floor rule puts amax_b / 2^X_b in [2^emax, 2^(emax + 1)): for E2M1 in [4, 8),
 but E2M1 stops at 6, so a block whose largest value lies in (6·2^X, 8·2^X) is clipped: those values
-saturate to 6·2^X (`mx_clipped` finds such blocks). Every element format loses the top of that binade:
-E2M1 above 1.5·2^emax, E2M3 above 1.875·2^emax, E3M2, E4M3 and E5M2 above 1.75·2^emax.
+saturate to 6·2^X (`mx_clipped` finds such blocks). Every element format loses the top of that binade,
+amax / 2^(X + emax) above max / 2^emax: 1.5 for E2M1, 1.875 for E2M3, 1.75 for E3M2, E4M3 and E5M2.
 
 Other scale rules (`scale_rule=`, torchao's ScaleCalculationMode), X clamped to E8M0's [-127, 127]:
     "ceil"   X = ceil(log2 amax) - emax                never clips; can waste a binade
