@@ -18,10 +18,11 @@ into the zero points, and the codes and scales stay as they are:
     z' = z - D / scale                  merge: scale (q - z') = scale (q - z) + D = W_hat + D, exactly
 
 Precision: z' is no longer an integer. Kept in float32 (`merge()`), the merged weight equals W_hat + D up
-to float32 rounding: |error| <= ulp(z') scale per weight, about 2^-20 scale for |z'| < 16. Rounded to
-fp16 (zero_point_dtype=torch.float16) the error grows to |z'| 2^-11 scale; rounded to an integer (GPTQ's
-packed format, zero_point_dtype=torch.int32) the update survives only in whole grid steps: every
-|D| < scale / 2 is lost, as when LoRA is re-quantized (qlearn.merging).
+to four float32 roundings (D / scale, z - ., q - z', times scale): |error| <= 2^-22 scale (|q| + |z'| +
+|D| / scale) per weight, about 2^-20 scale for 4-bit codes (tested). Rounded to fp16 (zero_point_dtype=
+torch.float16) the error grows to 2^-11 |z'| scale, in bf16 to 2^-8 |z'| scale; rounded to an integer in
+the codes' range 0..2^b - 1 (GPTQ's packed format, zero_point_dtype=torch.int32) the update survives only
+in whole grid steps: every |D| < scale / 2 is lost, as when LoRA is re-quantized (qlearn.merging).
 
 PEFT's `use_qalora` (tuners/lora/variants.py, QALoraLinearVariant) runs on GPTQ layers only, multiplies
 the pooled input by G as well (its A equals ours divided by G), and cannot merge (its merge raises
@@ -163,7 +164,7 @@ class QALoRALinear(nn.Module):
     def merge(self, zero_point_dtype: torch.dtype = torch.float32) -> QTensor:
         """A NEW QTensor with the same codes and scales and zero points z' = z - D / scale (module docstring),
         rounded to `zero_point_dtype` (float32: exact to float rounding; float16/bfloat16; an integer dtype:
-        to whole codes, GPTQ's packed format). Its `zero_point_bits` say what it stores."""
+        to whole codes in 0..2^b - 1, GPTQ's packed format). Its `zero_point_bits` say what it stores."""
         dtype = zero_point_dtype
         integer = isinstance(dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex
                                                           or dtype == torch.bool)
@@ -176,7 +177,7 @@ class QALoRALinear(nn.Module):
         if not integer:
             z, bits = z.to(dtype).float(), torch.finfo(dtype).bits
         else:
-            z, bits = torch.round(z), qw.bits  # GPTQ packs integer zero points in the codes' width
+            z, bits = torch.round(z).clamp(0, 2**qw.bits - 1), qw.bits  # GPTQ packs them in the codes' width
         if not torch.isfinite(z).all():
             raise ValueError("the merged zero points hold NaN or inf: A or B is broken")
         return dataclasses.replace(qw, q=qw.q.clone(), scale=qw.scale.clone(), zero_point=z,

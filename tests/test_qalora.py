@@ -115,6 +115,8 @@ def test_zero_point_precision_float32_exact_fp16_close_integers_lose_small_updat
     assert layer.merge(torch.float32).bits_per_param() == 4 + (16 + 32) / 64
     assert layer.merge(torch.float16).bits_per_param() == qweight.bits_per_param() == 4 + 32 / 64
     assert layer.merge(torch.int32).bits_per_param() == 4 + (16 + 4) / 64
+    z_int = layer.merge(torch.int32).zero_point
+    assert torch.equal(z_int, z_int.round()) and 0 <= z_int.min() and z_int.max() <= 15  # packable in 4 bits
     # an update of less than half a grid step in every group is rounded away entirely by integer zero points
     with torch.no_grad():
         layer.B.mul_(0.4 * (qweight.scale.min() / layer.group_shift().abs().max()))  # |D| < 0.4 scale
