@@ -164,7 +164,7 @@ def scaled_mm(a: FP8State, b: FP8State, out_dtype: torch.dtype = torch.float32) 
     step = min(a.block[1], b.block[1])  # where the scales along K change (K itself for tensor/rowwise)
     if a.block[1] % step or b.block[1] % step:
         raise ValueError(f"a's and b's blocks along K ({a.block[1]}, {b.block[1]}) must nest")
-    y = torch.zeros(qa.shape[0], qb.shape[0], dtype=torch.float64)
+    y = torch.zeros(qa.shape[0], qb.shape[0], dtype=torch.float64, device=qa.device)
     for k0 in range(0, k, step):  # one K-block at a time: its partial sum, times its scales
         kb = slice(k0, k0 + step)
         scales = ia[:, k0:k0 + 1] * ib[:, k0:k0 + 1].T  # (M, N): exact, two 24-bit significands

@@ -225,7 +225,7 @@ def quantize_nvfp4(x: Tensor, per_tensor_scale: bool | float = True, *, block_si
     if per_tensor_scale is True:
         t = x.detach().abs().amax().float() / (E4M3_MAX * E2M1_MAX)
     elif per_tensor_scale is not False:
-        t = torch.tensor(float(per_tensor_scale), dtype=torch.float32)
+        t = torch.tensor(float(per_tensor_scale), dtype=torch.float32, device=x.device)
     zero = t is not None and t == 0  # an all-zero tensor: torchao's 0 / 0 would be NaN
     if t is not None and not zero:
         if not torch.isfinite(1.0 / t):
