@@ -39,6 +39,8 @@ def parse(argv=None) -> tuple[dict, Path | None]:
     ap.add_argument("--cpu-offload", action="store_true", help="FSDP2's CPUOffloadPolicy (CUDA only)")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="skip the single-process reference run")
+    ap.add_argument("--save-adapter", default=None, metavar="DIR",
+                    help="save the trained adapter (gathered from the shards) in PEFT's format to DIR")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON record to this file")
     args = vars(ap.parse_args(argv))

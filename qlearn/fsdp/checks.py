@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import platform
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 
@@ -48,7 +49,11 @@ def _versions() -> dict:
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    return platform.processor() or platform.machine()
+    try:  # Linux: the processor's name, as lscpu prints it
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def ledgers(config: FSDPConfig) -> tuple:
@@ -99,6 +104,8 @@ def summarize(config: FSDPConfig, ranks: list[dict], reference: dict | None, sec
         "single_process_peak_bytes": reference["peak_bytes"] if reference else None,
         "step_seconds_per_rank": [[round(t, 4) for t in r["step_seconds"]] for r in ranks],
         "single_process_step_seconds": [round(t, 4) for t in reference["step_seconds"]] if reference else None,
+        "cpu_seconds_per_rank": [r.get("cpu_seconds") for r in ranks],
+        "single_process_cpu_seconds": reference.get("cpu_seconds") if reference else None,
         "packed": None, "seconds": {k: round(v, 2) for k, v in seconds.items()}, "versions": _versions(),
     }
     if "packed" in ranks[0]:

@@ -69,6 +69,7 @@ class FSDPConfig:
     grad_checkpointing: bool = False
     cpu_offload: bool = False  # FSDP2's CPUOffloadPolicy (CUDA only)
     reference: bool = True  # also run the single-process reference
+    save_adapter: str | None = None  # a folder: the trained adapter, gathered, in PEFT's format
     seed: int = 0
 
     def __post_init__(self):

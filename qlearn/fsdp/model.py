@@ -101,7 +101,8 @@ def build(config: FSDPConfig, device: torch.device) -> nn.Module:
             from ..models import keep_standard_layout
 
             keep_standard_layout(model)  # bitsandbytes' CPU repacking breaks the gradient path (qlearn.models)
-        model.to(device)
+        if config.method == "lora":  # a 4-bit model is loaded onto its device (device_map)
+            model.to(device)
     else:
         model = _random_llama(config, device, config.seed)
     model.config.use_cache = False

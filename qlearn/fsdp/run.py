@@ -4,6 +4,8 @@
                              rendezvous through a file, so no port is opened), each calling `train` with
                              sharded=True; then `train` once in this process with sharded=False on the
                              whole global batch; then `summarize` (qlearn.fsdp.checks) -> the JSON record
+    save_adapter(model, dir) the trained LoRA weights gathered from the shards, in PEFT's format (to merge
+                             in one process afterwards: PEFT cannot merge a sharded model)
 
 One step k of rank r (N ranks, b sequences each, global batch B = N b of the course's validation text):
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +35,7 @@ from ..modules import count_trainable
 from .config import FSDPConfig, check_backend
 from .model import build, nan_patterns, packed_weights, shard
 
-__all__ = ["global_batches", "run", "train"]
+__all__ = ["global_batches", "run", "save_adapter", "train"]
 
 
 def global_batches(config: FSDPConfig) -> torch.Tensor:
@@ -76,19 +79,38 @@ def _changed(now: torch.Tensor, before: torch.Tensor) -> int:
     return int((now.detach().contiguous().view(torch.uint8).flatten().cpu() != before).sum())
 
 
-def train(config: FSDPConfig, device: torch.device, data: torch.Tensor, *, sharded: bool, rank: int = 0) -> dict:
-    """Build, (shard,) train config.steps steps on `data`, and report bytes, losses and the packed-byte checks."""
+def save_adapter(model: nn.Module, folder: Path | None) -> None:
+    """Gather each trainable (LoRA) tensor in full (every rank must call this: it is a collective) and, where
+    `folder` is given, save them in PEFT's format (adapter_config.json + adapter_model.safetensors), which
+    PeftModel.from_pretrained loads in one process (to merge: PEFT cannot merge a sharded model)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        model.peft_config["default"].save_pretrained(str(folder))
+        save_file(get_peft_model_state_dict(model, state_dict=full), str(folder / "adapter_model.safetensors"))
+
+
+def train(config: FSDPConfig, device: torch.device, data: torch.Tensor, *, sharded: bool, rank: int = 0,
+          adapter: Path | None = None) -> dict:
+    """Build, (shard,) train config.steps steps on `data`, report bytes, losses and the packed-byte checks,
+    and save the trained adapter to `adapter` (rank 0)."""
     import torch.distributed as dist
 
     world = config.nproc if sharded else 1
     cuda = device.type == "cuda"
+    cpu = {"before_build": time.process_time()}  # this process's CPU seconds, phase by phase
     model = build(config, device)
+    cpu["build"] = time.process_time() - cpu["before_build"]
     params = list(model.parameters())
     total = _nbytes(params)
     one_row = sum(p[0].numel() * p.element_size() for p in params if p.dim() > 0)  # torch.chunk's imbalance bound
-    # Step 1: the packed 4-bit bytes before FSDP touches them, and their NaN patterns
+    # Step 1: the packed 4-bit bytes before FSDP touches them (a CPU copy), and their NaN patterns
     packed = {n: m.weight.data.contiguous().view(torch.uint8).flatten().cpu().clone()
-              for n, m in packed_weights(model).items()}
+              for n, m in packed_weights(model).items()} if sharded else {}
     raw = torch.cat(list(packed.values())) if packed else torch.empty(0, dtype=torch.uint8)
     storage = next(iter(packed_weights(model).values())).weight.dtype if packed else None
     out = {"param_bytes_total": total, "imbalance_bound_bytes": one_row}
@@ -120,6 +142,7 @@ def train(config: FSDPConfig, device: torch.device, data: torch.Tensor, *, shard
     # Step 3: train; rank r takes rows r b .. (r + 1) b of each global batch
     losses, seconds = [], []
     b = config.batch_size
+    cpu["shard"] = time.process_time() - cpu["before_build"] - cpu["build"]
     for k in range(config.steps):
         x = (data[k, rank * b:(rank + 1) * b] if sharded else data[k]).to(device)
         t0 = time.perf_counter()
@@ -140,6 +163,9 @@ def train(config: FSDPConfig, device: torch.device, data: torch.Tensor, *, shard
     out |= {"losses": losses, "step_seconds": seconds,
             "optimizer_bytes": _nbytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))}
     out["peak_bytes"] = torch.cuda.max_memory_allocated(device) if cuda else None
+    save_adapter(model, adapter if rank == 0 else None)
+    cpu["train"] = time.process_time() - cpu["before_build"] - cpu["build"] - cpu["shard"]
+    out["cpu_seconds"] = {k: round(v, 2) for k, v in cpu.items()}
     # Step 4: did any packed byte change: in what the forward pass saw, and in this rank's shards now
     for h in hooks:
         h.remove()
@@ -148,14 +174,27 @@ def train(config: FSDPConfig, device: torch.device, data: torch.Tensor, *, shard
         out["packed"]["layers_seen"] = len(seen)
         changed = 0
         for name, layer in packed_weights(model).items():
-            local, before = _local(layer.weight), packed[name]
+            before = packed[name]
+            if not hasattr(layer.weight, "to_local"):  # left whole (ignored_params)
+                changed += _changed(layer.weight, before)
+                continue
             rows = layer.weight.shape[0]
             size = -(-rows // world)  # torch.chunk: ceil(rows / N) rows per rank, the last ranks fewer
             per_row = before.numel() // rows
             start, stop = min(rank * size, rows) * per_row, min((rank + 1) * size, rows) * per_row
-            changed += _changed(local, before[start:stop])
+            changed += _changed(layer.weight.to_local(), before[start:stop])
         out["packed"]["changed_in_shards"] = changed
     return out
+
+
+def _adapter_diff(a: Path, b: Path) -> float:
+    """The largest |difference| between two saved adapters' tensors."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    if x.keys() != y.keys():
+        raise RuntimeError("the sharded and single-process adapters have different tensors")
+    return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
 
 
 def _worker(rank: int, fields: dict, data: torch.Tensor, folder: str) -> None:
@@ -178,7 +217,7 @@ def _worker(rank: int, fields: dict, data: torch.Tensor, folder: str) -> None:
                             world_size=config.nproc, timeout=datetime.timedelta(minutes=10),
                             device_id=device if device.type == "cuda" else None)
     try:
-        result = train(config, device, data, sharded=True, rank=rank)
+        result = train(config, device, data, sharded=True, rank=rank, adapter=Path(folder, "adapter_sharded"))
         Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()
     finally:
@@ -206,12 +245,18 @@ def run(config: FSDPConfig) -> dict:
         except mp.ProcessExitedException as err:
             raise RuntimeError(f"a rank of the sharded run died: {err}") from None
         ranks = [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(config.nproc)]
-    sharded_seconds = time.perf_counter() - t0
-    reference = None
-    if config.reference:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            device = torch.device("cuda", 0) if config.device == "cuda" else torch.device("cpu")
-            reference = train(config, device, data, sharded=False)
-    return summarize(config, ranks, reference, seconds={"sharded_run": sharded_seconds,
-                                                         "total": time.perf_counter() - t0})
+        sharded_seconds = time.perf_counter() - t0
+        reference, diff = None, None
+        if config.reference:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                device = torch.device("cuda", 0) if config.device == "cuda" else torch.device("cpu")
+                reference = train(config, device, data, sharded=False, adapter=Path(folder, "adapter_single"))
+            diff = _adapter_diff(Path(folder, "adapter_sharded"), Path(folder, "adapter_single"))
+        if config.save_adapter:
+            shutil.copytree(Path(folder, "adapter_sharded"), config.save_adapter, dirs_exist_ok=True)
+    record = summarize(config, ranks, reference, seconds={"sharded_run": sharded_seconds,
+                                                           "total": time.perf_counter() - t0})
+    record["adapter_max_abs_diff"] = diff  # sharded vs single-process LoRA weights after training (information)
+    record["adapter_saved"] = str(config.save_adapter) if config.save_adapter else None
+    return record
