@@ -11,7 +11,8 @@ torchao's MXTensor). Every qlearn quantizer returns a `QuantState`:
 
 The states: `linear.QTensor` (integer grids: quantize, RTN, GPTQ, AWQ, HQQ, QAT's convert),
 `nf4.Blockwise` (code books in blocks: NF4, bitsandbytes-FP4, E2M1, the 8-bit dynamic map),
-`codebook.Codebook` (a learned k-means table) and `qlearn.formats.MXState` (MX and NVFP4).
+`codebook.Codebook` (a learned k-means table), `qlearn.formats.mx.MXState` (MX and NVFP4) and
+`qlearn.formats.fp8.FP8State` (scaled FP8: tensorwise, rowwise, blockwise).
 
 Storage, the one formula (N values, b bits per code, S scales of s bits, Z zero points of z bits,
 S2 second-level scales of s2 bits, t bits per tensor):
