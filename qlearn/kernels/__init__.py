@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["BLOCK_K", "BLOCK_N", "GEMV_ROWS", "TILE", "NF4Linear", "dequantize_4bit", "gemv_4bit",
+__all__ = ["BLOCK_K", "GEMV_ROWS", "ROWS", "TILE", "UNROLL", "NF4Linear", "dequantize_4bit", "gemv_4bit",
            "round_to_bf16", "to_linear4bit", "tolerance", "use_nf4_kernels"]
 _NAMES = {  # name -> the module that defines it
     "dequantize_4bit": "nf4", "round_to_bf16": "nf4", "TILE": "nf4",
-    "gemv_4bit": "gemv", "tolerance": "gemv", "BLOCK_N": "gemv", "BLOCK_K": "gemv",
+    "gemv_4bit": "gemv", "tolerance": "gemv", "BLOCK_K": "gemv", "ROWS": "gemv", "UNROLL": "gemv",
     "NF4Linear": "linear", "use_nf4_kernels": "linear", "to_linear4bit": "linear", "GEMV_ROWS": "linear",
 }
 

@@ -28,7 +28,9 @@ from ._triton import check_device, tl, triton
 
 __all__ = ["TILE", "dequantize_4bit", "round_to_bf16"]
 
-TILE = 1024  # bytes per program (2048 values); benchmarks/nf4_kernel.py shows the other sizes
+# Bytes per program (2048 values); num_warps defaults to TILE // 128: 4 bytes (8 values, one 16-byte
+# store of bf16) per thread. benchmarks/nf4_kernel.py shows other sizes.
+TILE = 1024
 
 
 @triton.jit
@@ -44,19 +46,23 @@ def round_to_bf16(x):
 def to_dtype(x, dtype: tl.constexpr):
     """Round float32 `x` once to `dtype` (nearest even), the same way on a GPU and in the interpreter."""
     if dtype == tl.bfloat16:
-        return round_to_bf16(x)
-    return x.to(dtype)
+        y = round_to_bf16(x)
+    else:
+        y = x.to(dtype)
+    return y
 
 
 @triton.jit
 def block_absmax(absmax_ptr, block, mask, absmax2_ptr, code2_ptr, offset_ptr,
                  BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
     """absmax of each `block`: stored in float32, or (NESTED) code2[q] * absmax2[block // 256] + offset."""
-    if NESTED:
+    if NESTED:  # a compile-time branch: only one of the two is compiled
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
-        return tl.load(code2_ptr + q) * scale + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        absmax = tl.load(code2_ptr + q) * scale + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
 
 
 @triton.jit
@@ -89,20 +95,21 @@ def _check_launch(name: str, value, allowed) -> None:
 
 
 def dequantize_4bit(packed: Tensor, quant_state=None, *, dtype: torch.dtype | None = None,
-                    tile: int | None = None, num_warps: int = 4) -> Tensor:
+                    tile: int | None = None, num_warps: int | None = None) -> Tensor:
     """The weight bitsandbytes stored as (`packed`, `quant_state`), like
     `bitsandbytes.functional.dequantize_4bit(packed, quant_state)` and bit for bit equal to it.
 
     `packed` is the uint8 tensor from `quantize_4bit` or a Linear4bit's `weight` (whose
     `.quant_state` is used when `quant_state` is None). Returns `quant_state.shape` in
     `quant_state.dtype` (or `dtype`). `tile`: bytes per program (a power of two; default TILE,
-    read at each call).
+    read at each call); num_warps defaults to tile // 128.
     """
     w = nf4_weight(packed, quant_state)
     dtype = dtype or w.dtype
     tile = TILE if tile is None else tile
     _check_launch("dtype", dtype, DTYPES)
     _check_launch("tile", tile, [2**k for k in range(4, 15)])
+    num_warps = max(1, min(32, tile // 128)) if num_warps is None else num_warps
     _check_launch("num_warps", num_warps, (1, 2, 4, 8, 16, 32))
     device = check_device(**w.tensors())
     out = torch.empty(w.shape, dtype=dtype, device=device)
