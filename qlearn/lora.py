@@ -151,7 +151,13 @@ def _loftq_quantizer(bits: int):
 def loftq_init(w: torch.Tensor, r: int, scaling: float = 1.0, bits: int = 4, iters: int = 1):
     """(Q, A, B, errors) of LoftQ (module docstring), float32: `iters` alternations of Q = quant(W - s B A)
     and s B A = SVD_r(W - Q); errors[t] = ||W - (Q + s B A)||_F after iteration t + 1."""
-    _check_args(r, scaling, 0.0, False, False, "loftq", bits, iters, "scaling")
+    _check_args(r, scaling, 0.0, False, False, "loftq", 4, 1, "scaling")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8 (4: NF4, else RTN integer groups), got {bits!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    if r > min(w.shape):
+        raise ValueError(f"LoftQ needs r <= min(out, in) = {min(w.shape)}, got r={r}")
     if bits != 4 and w.shape[1] % _LOFTQ_GROUP:
         raise ValueError(f"LoftQ's {bits}-bit RTN groups of {_LOFTQ_GROUP} need in_features divisible by "
                          f"{_LOFTQ_GROUP}, got {w.shape[1]}")

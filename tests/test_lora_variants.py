@@ -257,3 +257,9 @@ def test_pissa_and_loftq_need_a_float_base():
         loftq_init(torch.randn(8, 64), 2, scaling=0.0)
     with pytest.raises(ValueError, match="need in_features divisible by 64"):
         loftq_init(torch.randn(8, 48), 2, bits=2)
+    with pytest.raises(ValueError, match="bits must be an int in 2..8"):
+        loftq_init(torch.randn(8, 64), 2, bits=9)
+    with pytest.raises(ValueError, match="iters must be a positive int"):
+        loftq_init(torch.randn(8, 64), 2, iters=0)
+    with pytest.raises(ValueError, match=r"LoftQ needs r <= min\(out, in\) = 8"):
+        loftq_init(torch.randn(8, 64), 9)
