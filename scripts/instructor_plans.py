@@ -95,8 +95,11 @@ def measure(path: Path) -> Notebook:
     head = text(cells[0])
     time = re.search(r"\*\*Time\*\*: about (\d+) s on a laptop CPU", head)
     pre = re.search(r"\*\*Prerequisites\*\*:(.*?)(?:\n\n|$)", head, re.DOTALL)
+    if time is None:
+        raise SystemExit(f"{path.name}: no '**Time**: about N s on a laptop CPU' line in its first cell "
+                         "(time it with `qlearn run` and write the seconds there)")
     number, slug = path.stem.split("_", 1)
-    return Notebook(number, slug, head.splitlines()[0].lstrip("# ").split(" · ", 1)[-1], int(time.group(1)) if time else 0,
+    return Notebook(number, slug, head.splitlines()[0].lstrip("# ").split(" · ", 1)[-1], int(time.group(1)),
                     sum(len(text(c).split()) for c in cells if c["cell_type"] == "markdown"),
                     sum("### BEGIN SOLUTION" in text(c) for c in cells if c["cell_type"] == "code"),
                     tuple(sorted(set(re.findall(r"\b(\d\d)\b", pre.group(1))) - {number})) if pre else ())
