@@ -281,6 +281,18 @@ def test_wrong_states_and_shapes_raise_clear_errors():
         gemv.gemv_4bit(torch.ones(1, 128, dtype=torch.int32, device=DEVICE), packed, state)
     with pytest.raises(ValueError, match="block_k must be a power of two"):
         gemv.gemv_4bit(torch.ones(1, 128, dtype=torch.bfloat16, device=DEVICE), packed, state, block_k=1000)
+    with pytest.raises(ValueError, match="unroll must be a power of two"):
+        gemv.gemv_4bit(torch.ones(1, 128, dtype=torch.bfloat16, device=DEVICE), packed, state, unroll=3)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        nf4.dequantize_4bit(packed, state, dtype=torch.int8)
+    packed3, state3 = _quantized((2, 4, 64))
+    with pytest.raises(ValueError, match=r"the weight must be 2-D \(out_features, in_features\), got shape \(2, 4, 64\)"):
+        gemv.gemv_4bit(torch.ones(1, 64, dtype=torch.bfloat16, device=DEVICE), packed3, state3)
+    with pytest.raises(ValueError, match="gemv_rows must be an int >= 0"):
+        linear.NF4Linear(packed, state, gemv_rows=-1)
+    unquantized = bnb.nn.Linear4bit(128, 8, quant_type="nf4")  # bitsandbytes quantizes on .to(device)
+    with pytest.raises(ValueError, match="not quantized yet"):
+        linear.NF4Linear.from_linear4bit(unquantized)
 
 
 @needs_triton

@@ -9,12 +9,12 @@ and, double-quantized, absmax_b = code2[absmax[b]] * absmax2[b // 256] + offset 
 rounded after the product and again after the sum, as bitsandbytes computes it in two steps).
 
 Why it can beat bitsandbytes' CUDA kernel: dequantizing is memory-bound (it reads 0.5 + 4/64 bytes
-and writes 2 bytes per bf16 value), so speed is how close it runs to the copy bandwidth; one
-program per tile of TILE bytes, each loaded once with wide loads, and nothing else.
+and writes 2 bytes per bf16 value), so speed is how close it runs to the copy bandwidth: one
+program per tile of TILE bytes, each byte read once, each value written once with 16-byte stores.
 Bit-exactness: bitsandbytes' kernel computes `table[code] * absmax` in float32 and converts once
 (round to nearest even). Two details matter here: the fp32 -> bf16 rounding is written out by hand
-(Triton's CPU interpreter truncates instead, and the GPU's conversion rounds the same way as
-`round_to_bf16`), and the nested absmax is computed without fusing `*` and `+` into one FMA
+(`round_to_bf16`: what the GPU's conversion does, and what Triton's CPU interpreter, which
+truncates, would not), and the nested absmax is computed without fusing `*` and `+` into one FMA
 (`enable_fp_fusion=False`), since bitsandbytes rounds between them.
 """
 
