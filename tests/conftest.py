@@ -1,6 +1,17 @@
 """Shared helpers of the tests of qlearn's command line, runner and exercise tools."""
 
-import nbformat
+import os
+
+# qlearn.kernels' tests run in Triton's CPU interpreter where Triton is installed but no GPU is visible
+# (`pip install triton`: the course does not need it; without it those tests skip and say why). The variable
+# must be set before Triton's first import, which bitsandbytes does from other test modules.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import nbformat  # noqa: E402
 import pytest
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
