@@ -83,7 +83,7 @@ def lsq_scale_grad_zero_outside(x, scale, qmin, qmax):
 
 
 def stub(*args):
-    raise NotImplementedError("Exercise 4.x: replace this line with your solution")
+    raise NotImplementedError("Exercise 5.x: replace this line with your solution")
 
 
 def test_fake_quant_cases_are_torchs():

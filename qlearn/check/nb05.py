@@ -5,7 +5,7 @@
 5.3 lsq_grad_scale(fn):   fn(num_values, bits) -> LSQ's gradient scale 1 / sqrt(N * Qp), symmetric grid
 5.4 lsq_scale_grad(fn):   fn(x, scale, qmin, qmax) -> d x_hat / d scale for every value (LSQ, zero point 0)
 
-The expected values are written out (tests/test_check_nb04.py checks them against torch's
+The expected values are written out (tests/test_check_nb05.py checks them against torch's
 fake_quantize_per_tensor_affine and _fake_quantize_learnable_per_tensor_affine).
 """
 
