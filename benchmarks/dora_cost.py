@@ -1,16 +1,17 @@
-"""What DoRA costs against LoRA on the CPU: time of a training step and of an inference forward, peak memory.
+"""What DoRA (and QA-LoRA) cost against LoRA on the CPU: a training step, an inference forward, peak memory.
 
     python benchmarks/dora_cost.py [--threads 1] [--rounds 10] [--out benchmarks/cpu/dora_cost.json]
 
 The embedded tiny model, every projection adapted (r=8, alpha=16), a batch of 16 "to_dict" examples.
-qlearn's LoRALinear with use_dora=False/True and PEFT's LoraConfig(use_dora=False/True), each on a fresh
-copy of the model: a training step is forward + backward + AdamW step, the inference forward runs in eval
-mode under no_grad; medians of `--rounds` rounds after one warm-up, the four variants interleaved in every
-round (a shared machine then slows them alike; one thread, as two threads on a busy 2-core machine spin
-and slow everything several-fold); the peak is qlearn.memory.peak_memory of one training step (the CPU
-profiler's allocations, above what was allocated before). DoRA's extra work per layer and step: the weight
-norm ||W + s B A|| (a product B A, an (out x in) sum, a norm per row) and the extra (m / n - 1) W x term,
-saved for the backward; PEFT computes the same (tests/test_lora_variants.py).
+qlearn's LoRALinear with use_dora=False/True, PEFT's LoraConfig(use_dora=False/True) and qlearn's QA-LoRA
+(INT4 RTN groups of 32, W_hat dequantized once and kept), each on a fresh copy of the model. A training
+step is forward + backward + AdamW step; the inference forward runs in eval mode under no_grad. Medians of
+`--rounds` rounds after one warm-up, the five variants interleaved in every round, so that a shared
+machine slows them alike; one thread, as two threads on a busy 2-core machine spin and slow everything
+several-fold. The peak is qlearn.memory.peak_memory of one training step (the CPU profiler's allocations,
+above what was allocated before). DoRA's extra work per layer and step: the weight norm ||W + s B A|| (a
+product B A, an (out x in) sum, a norm per row) and the extra (m / n - 1) W x term, saved for the
+backward; PEFT computes the same (tests/test_lora_variants.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import qlearn
-from qlearn import lora, tasks
+from qlearn import lora, qalora, tasks
 from qlearn.memory import peak_memory
 from qlearn.modules import count_trainable
 
@@ -98,6 +99,8 @@ def main() -> None:
         "PEFT LoRA": lambda m: get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)),
         "PEFT DoRA": lambda m: get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
                                                              use_dora=True)),
+        "qlearn QA-LoRA": lambda m: qalora.apply_qalora(m, r=8, alpha=16, group_size=32,
+                                                        target_modules=TARGETS),
     }
     models = {}
     for name, make in makers.items():
@@ -105,12 +108,15 @@ def main() -> None:
         models[name] = make(copy.deepcopy(base))
     rows = measure(models, batch, args.rounds)
     for name, r in rows.items():
-        print(f"{name:<12} trainable {r['trainable']:>8,}  train step {1e3 * r['train_step_s']:7.1f} ms  "
+        print(f"{name:<14} trainable {r['trainable']:>8,}  train step {1e3 * r['train_step_s']:7.1f} ms  "
               f"forward {1e3 * r['forward_s']:6.1f} ms  peak {r['peak_bytes'] / 2**20:6.1f} MiB", flush=True)
     for who in ("qlearn", "PEFT"):
         lo, do = rows[f"{who} LoRA"], rows[f"{who} DoRA"]
         print(f"{who}: DoRA / LoRA  train step x{do['train_step_s'] / lo['train_step_s']:.2f}, forward "
               f"x{do['forward_s'] / lo['forward_s']:.2f}, peak x{do['peak_bytes'] / lo['peak_bytes']:.2f}")
+    lo, qa = rows["qlearn LoRA"], rows["qlearn QA-LoRA"]
+    print(f"qlearn: QA-LoRA / LoRA  train step x{qa['train_step_s'] / lo['train_step_s']:.2f}, forward "
+          f"x{qa['forward_s'] / lo['forward_s']:.2f}, peak x{qa['peak_bytes'] / lo['peak_bytes']:.2f}")
     meta = {"command": f"python benchmarks/dora_cost.py --threads {args.threads} --rounds {args.rounds}",
             "machine": platform.machine(),
             "processor": platform.processor(), "threads": args.threads, "torch": torch.__version__,
