@@ -34,8 +34,11 @@ support), so the CPU run does QLoRA, with losses equal to the single-process run
 changed. On the CPU the model is float32 (no fast bf16 matrix units: a bf16 step of the tiny model is ~25x
 slower here), so quant_storage is float32, the same bytes as bf16 storage; the record counts their bf16 NaN
 patterns too. Two caveats: call qlearn.models.keep_standard_layout first (done here), and the bf16 NaN
-rewriting of bitsandbytes#1945 is a CUDA copy's (pytorch#159333; CPU copies keep NaN payloads), so the CPU
-cannot show it: the GPU run's packed check is the one that can fail.
+rewriting of bitsandbytes#1945 is a CUDA copy's: FSDP2 packs each rank's shards into the all-gather buffer
+with torch._foreach_copy_, which on CUDA writes every bf16 NaN as one canonical pattern (pytorch#159333)
+and on the CPU keeps the bytes (checked). So the CPU cannot show it, and neither, probably, can one GPU
+(with N = 1 FSDP2 skips the all-gather and copies with copy_); the packed check of a run on 2 or more
+GPUs is the one that can fail.
 
 Refused, with the reason (qlearn.fsdp.config): nproc < 1; more ranks than visible GPUs; a missing backend;
 quant_storage != the model's dtype (the 4-bit weights would silently stay whole on every rank:

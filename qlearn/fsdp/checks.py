@@ -3,21 +3,23 @@
     each_rank_holds_1_over_n     every parameter is sharded (none replicated) and rank r holds P / N bytes
                                  to within one row per parameter (torch.chunk gives the first ranks
                                  ceil(rows / N) rows): |P_r - P / N| <= sum_p bytes(row of p)
-    losses_match_single_process  max_k |loss_k - reference_k| <= LOSS_TOLERANCE[dtype] (measured, below)
+    losses_match_single_process  max_k |loss_k - reference_k| / |reference_k| <= LOSS_TOLERANCE[dtype] (measured)
     trainable_equal              every rank's model (and the reference) trains the same logical count
     loss_finite_nonzero          every loss is finite and not 0.0 (accelerate#3983 trained on loss 0.0)
     packed_bytes_unchanged       (QLoRA) no packed 4-bit byte differs from the quantized original, neither
                                  in the unsharded weights the forward pass used nor in the shards afterwards
                                  (bitsandbytes#1945: NaN patterns rewritten by FSDP2's copies)
 
-LOSS_TOLERANCE, the largest |loss_k - reference_k| a correct run shows, from reduction order alone (the
-sharded run sums the loss over b sequences per rank and then over ranks, the reference over all B; the
-gradient is reduce-scattered). Measured with `python -m qlearn.fsdp` on the tiny model, 3 steps:
-    float32    1e-5   measured <= 1.0e-6 (LoRA and QLoRA, nproc 2 and 4, 1 and 2 threads,
-                      ATEN_CPU_CAPABILITY=default and avx2); loss ~3.5, fp32 epsilon 1.2e-7
-    bfloat16   0.05   measured <= 0.006 on the CPU (bf16 rounds every activation: a block's matrix product
-                      on b rows and on B rows may round differently); to be confirmed on GPUs
-    float16    0.02   not measured: between the two (fp16 has 3 more mantissa bits than bf16)
+LOSS_TOLERANCE, relative: a correct run keeps |loss_k - reference_k| <= rtol |reference_k|; only reduction
+order separates them (the sharded run averages the loss over b sequences per rank and then over ranks, the
+reference over all B; the gradient is reduce-scattered; each rank multiplies b rows where the reference
+multiplies B, which can round differently). Measured with `python -m qlearn.fsdp` on the tiny model (the
+largest |difference| / loss over all steps of every run):
+    float32    1e-5   measured <= 3.4e-7 in 12 runs: LoRA and QLoRA, nproc 1, 2 and 4, seeds 0-2, 1 and 2
+                      threads, ATEN_CPU_CAPABILITY=default and avx2, 3 and 8 steps (abs. <= 7.2e-7)
+    bfloat16   1e-2   measured <= 7.5e-4 in 4 runs (LoRA with float32 or bf16 adapters, QLoRA, seeds 0-1; abs.
+                      <= 2.1e-3): bf16 rounds every activation; measured on the CPU only, the GPU runs record theirs
+    float16    5e-3   not measured (3 more mantissa bits than bf16)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .config import SHAPES, FSDPConfig
 
 __all__ = ["LOSS_TOLERANCE", "ledgers", "summarize"]
 
-LOSS_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 0.05, torch.float16: 0.02}
+LOSS_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}  # relative (above)
 
 
 def _versions() -> dict:
@@ -96,7 +98,7 @@ def summarize(config: FSDPConfig, ranks: list[dict], reference: dict | None, sec
         "optimizer_bytes_per_rank": [r["optimizer_bytes"] for r in ranks],
         "losses": losses,
         "single_process_losses": reference["losses"] if reference else None,
-        "loss_tolerance": tol,
+        "loss_rtol": tol,
         "trainable_per_rank": [r["trainable"] for r in ranks],
         "single_process_trainable": reference["trainable"] if reference else None,
         "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks] if config.device == "cuda" else None,
@@ -126,8 +128,9 @@ def summarize(config: FSDPConfig, ranks: list[dict], reference: dict | None, sec
     }
     if reference:
         diff = max(abs(a - b) for a, b in zip(losses, reference["losses"]))
-        record["max_loss_diff"] = diff
-        checks["losses_match_single_process"] = diff <= tol
+        rel = max(abs(a - b) / abs(b) if b else math.inf for a, b in zip(losses, reference["losses"]))
+        record["max_loss_diff"], record["max_loss_rel_diff"] = diff, rel
+        checks["losses_match_single_process"] = rel <= tol
     if record["packed"]:
         p = record["packed"]
         checks["packed_bytes_unchanged"] = (not any(p["changed_in_forward_per_rank"])
@@ -136,6 +139,10 @@ def summarize(config: FSDPConfig, ranks: list[dict], reference: dict | None, sec
     per_rank_ledger, single_ledger = ledgers(config)
     record["ledger_per_rank"] = per_rank_ledger.as_dict() | {"total": per_rank_ledger.total}
     record["ledger_single_process"] = single_ledger.as_dict() | {"total": single_ledger.total}
+    if record["peak_bytes_per_rank"]:  # the ledger against torch.cuda.max_memory_allocated (qlearn.memory's 15% target)
+        record["ledger_error_per_rank"] = [round(per_rank_ledger.total / b - 1, 4) for b in record["peak_bytes_per_rank"]]
+    if reference and reference["peak_bytes"]:
+        record["single_process_ledger_error"] = round(single_ledger.total / reference["peak_bytes"] - 1, 4)
     record["checks"] = checks
     record["ok"] = all(checks.values())
     return record
