@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import random
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # warning. Both are harmless; they would be stderr noise in every notebook (and fail nbval's comparison).
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+# PEFT 0.21's PeftModel.__init__ reads model.is_gradient_checkpointing, which transformers 5 deprecated: every
+# get_peft_model call warns, about a name the course never uses (pyproject's filterwarnings does the same for tests).
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 __all__ = ["EnvironmentReport", "environment_report", "get_device", "on_colab", "seed_everything"]
 
