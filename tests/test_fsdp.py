@@ -246,3 +246,30 @@ def test_summarize_fails_the_check_that_a_broken_run_breaks(ranks, reference, fa
 
 def test_the_storage_refusal_explains_why_it_would_silently_unshard():
     assert "every rank keeps all of them" in config.QUANT_STORAGE_WHY and "accelerate#3983" in config.QUANT_STORAGE_WHY
+
+
+# ---------------------------------------------------------------- the random-weight shapes (the GPU runs' path)
+
+SMALL_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 8192, "tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_random_llama_shape_builds_alike_twice_and_trains_sharded_on_one_rank(method, monkeypatch, one_rank_group):
+    """What `--shape llama-8b` does on a GPU, on a small shape: meta-device build, each linear quantized as
+    it is made, tied embeddings kept tied; one-rank FSDP training; the packed-byte checks."""
+    monkeypatch.setitem(config.SHAPES, "small", SMALL_SHAPE)
+    cfg = fsdp.FSDPConfig(nproc=1, method=method, shape="small", steps=1, seq_len=16)
+    a, b = fsdp.build(cfg, torch.device("cpu")), fsdp.build(cfg, torch.device("cpu"))
+    def raw(t):  # bytes: packed 4-bit data viewed as float32 holds NaN patterns, and NaN != NaN
+        return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+    assert all(torch.equal(raw(x), raw(y)) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    base = a.get_base_model()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    assert not any(p.is_meta for p in a.parameters())
+    out = fsdp.train(cfg, torch.device("cpu"), fsdp.global_batches(cfg), sharded=True)
+    assert all(np.isfinite(out["losses"])) and out["param_bytes"] == out["param_bytes_total"]  # N = 1: all of it
+    if method == "qlora":
+        assert out["packed"]["layers_seen"] == 2 * 7 and out["packed"]["changed_in_forward"] == 0
+        assert out["packed"]["changed_in_shards"] == 0

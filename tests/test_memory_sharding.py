@@ -19,8 +19,8 @@ LLAMA2_70B = memory.Shape(hidden=8192, intermediate=28672, layers=80, heads=64, 
 # layers, NF4 + nested quantization, bf16 compute and quant storage, gradient checkpointing, flash
 # attention, torch AdamW (the Trainer's default), 2 processes, fsdp_offload_params true (19.6 GB per GPU)
 # or false (35.6 GB per GPU).
-PEFT_70B = dict(batch_size=2, seq_len=2048, lora_r=8, grad_checkpointing=True, prepare_kbit=False, n_gpus=2,
-                sharding="full")
+PEFT_70B = {"batch_size": 2, "seq_len": 2048, "lora_r": 8, "grad_checkpointing": True, "prepare_kbit": False,
+            "n_gpus": 2, "sharding": "full"}
 SMALL = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 128, "tie_word_embeddings": False}
 
