@@ -72,6 +72,18 @@ def test_the_decomposition_rescues_the_other_features_from_the_outliers():
     assert error[6.0] < 1.5 * w_only  # measured 1.15x: the int8 activations of the other features add little
 
 
+def test_the_papers_float_outlier_weights_carry_the_outliers_exactly():
+    x, layer = _inputs(4)
+    x_out = torch.zeros_like(x)
+    x_out[..., [3, 77, 200]] = x[..., [3, 77, 200]]  # only the outlier features: nothing goes through int8
+    with torch.no_grad():
+        exact = x_out @ layer.weight.T
+        paper = llm_int8.linear(x_out, layer.weight, 6.0, outlier_weight="float")
+        bnb_way = llm_int8.linear(x_out, layer.weight, 6.0)
+    torch.testing.assert_close(paper, exact, rtol=0, atol=1e-5)  # float32 sums of 3 products of size ~25
+    assert (bnb_way - exact).abs().max() > 1e-3  # the int8 weight's rounding (step ~1e-3) times x ~25
+
+
 def test_int8_weight_is_a_quant_state():
     _, layer = _inputs()
     w = llm_int8.quantize_weight(layer.weight)
@@ -92,6 +104,9 @@ def test_convert_replaces_every_linear_but_lm_head_and_matches_linear():
     assert isinstance(model["proj"], llm_int8.Int8Linear) and isinstance(model["lm_head"], nn.Linear)
     assert torch.equal(model["proj"](x), expected)
     assert "threshold=6.0" in repr(model["proj"])
+    paper = llm_int8.convert(nn.ModuleDict({"proj": nn.Linear(16, 8)}), outlier_weight="float")["proj"]
+    with torch.no_grad():
+        assert torch.equal(paper(x), llm_int8.linear(x, paper.float_weight, 6.0, paper.bias, outlier_weight="float"))
 
 
 def test_outlier_features_counts_the_columns_beyond_the_threshold():
@@ -107,5 +122,9 @@ def test_bad_arguments_raise_clear_errors():
             llm_int8.linear(x, layer.weight, bad)
     with pytest.raises(ValueError, match=r"x must be a float tensor \(\.\.\., 256\)"):
         llm_int8.linear(x[..., :100], layer.weight)
+    with pytest.raises(ValueError, match="outlier_weight must be one of"):
+        llm_int8.linear(x, layer.weight, outlier_weight="fp16")
+    with pytest.raises(ValueError, match="outlier_weight='float' needs the float weight"):
+        llm_int8.linear(x, llm_int8.quantize_weight(layer.weight), outlier_weight="float")
     with pytest.raises(ValueError, match="weight must be a 2-D float tensor"):
         llm_int8.quantize_weight(torch.ones(3))

@@ -13,9 +13,12 @@ paper's float16 models and bitsandbytes do:
 
 The first term is an int8 x int8 -> int32 product with one scale per row of X and one per row of W
 (vector-wise quantization); the last term carries the outlier features in X's own precision. The
-paper keeps W in float16 for that term; bitsandbytes' `Linear8bitLt(has_fp16_weights=False)` stores
-only the int8 weight, so it multiplies the outlier features with the dequantized int8 columns, and so
-does this module (it matches bitsandbytes 0.50's CPU path, `backends/default/ops.py`). Two more details
+paper keeps W in float16 for that term (`outlier_weight="float"`: X[:, O] W[:, O]^T); bitsandbytes'
+`Linear8bitLt(has_fp16_weights=False)`, what transformers' load_in_8bit builds, stores only the int8
+weight, so it multiplies the outlier features with the dequantized int8 columns, and so does this
+module by default (`outlier_weight="int8"`, bitsandbytes 0.50's CPU path, `backends/default/ops.py`).
+The difference shows when the outliers are huge: their products with int8-rounded weights carry the
+weights' rounding error times a huge x. Two more details
 of that path followed here: the threshold test is `>=`, and c_t leaves out only the outlier entries of
 row t (the other entries of an outlier column still count), while the codes of whole outlier
 columns are zeroed.
@@ -103,9 +106,21 @@ def outlier_features(x: Tensor, threshold: float = 6.0) -> Tensor:
     return torch.nonzero((x.detach().reshape(-1, x.shape[-1]).to(torch.float16).abs() >= threshold).any(dim=0)).flatten()
 
 
-def linear(x: Tensor, weight: Tensor | Int8Weight, threshold: float | None = 6.0, bias: Tensor | None = None) -> Tensor:
-    """LLM.int8's Y = X W^T + b (module docstring) for x (..., in); returns x's dtype and shape (..., out)."""
+OUTLIER_WEIGHTS = ("int8", "float")
+
+
+def linear(x: Tensor, weight: Tensor | Int8Weight, threshold: float | None = 6.0, bias: Tensor | None = None,
+           *, outlier_weight: str = "int8") -> Tensor:
+    """LLM.int8's Y = X W^T + b (module docstring) for x (..., in); returns x's dtype and shape (..., out).
+
+    outlier_weight  "int8": the outlier features meet the dequantized int8 weight (bitsandbytes'
+                    has_fp16_weights=False); "float": they meet `weight` itself (the paper; needs a float weight)
+    """
     _check_threshold(threshold)
+    if outlier_weight not in OUTLIER_WEIGHTS:
+        raise ValueError(f"outlier_weight must be one of {OUTLIER_WEIGHTS}, got {outlier_weight!r}")
+    if outlier_weight == "float" and isinstance(weight, Int8Weight):
+        raise ValueError("outlier_weight='float' needs the float weight, not an Int8Weight (its float values are gone)")
     w = weight if isinstance(weight, Int8Weight) else quantize_weight(weight)
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.shape[-1] != w.shape[1]:
         raise ValueError(f"x must be a float tensor (..., {w.shape[1]}) for a weight of shape {tuple(w.shape)}, "
@@ -122,20 +137,26 @@ def linear(x: Tensor, weight: Tensor | Int8Weight, threshold: float | None = 6.0
     Y = Y.to(x.dtype)
     # Step 4: the outlier features in X's precision, times the dequantized weight columns.
     if O.numel():
-        Y = Y + X[:, O] @ (w.codes[:, O].float() * (w.absmax[:, None] / 127)).to(x.dtype).T
+        W_O = weight[:, O] if outlier_weight == "float" else w.codes[:, O].float() * (w.absmax[:, None] / 127)
+        Y = Y + X[:, O] @ W_O.to(x.dtype).T
     return Y.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
 class Int8Linear(nn.Module):
     """A linear layer stored in vector-wise int8 that runs `linear` (LLM.int8) in its forward."""
 
-    def __init__(self, layer: nn.Linear, threshold: float | None = 6.0):
+    def __init__(self, layer: nn.Linear, threshold: float | None = 6.0, outlier_weight: str = "int8"):
         super().__init__()
         _check_threshold(threshold)
+        if outlier_weight not in OUTLIER_WEIGHTS:
+            raise ValueError(f"outlier_weight must be one of {OUTLIER_WEIGHTS}, got {outlier_weight!r}")
         self.in_features, self.out_features, self.threshold = layer.in_features, layer.out_features, threshold
+        self.outlier_weight = outlier_weight
         w = quantize_weight(layer.weight.detach())
         self.register_buffer("codes", w.codes)
         self.register_buffer("absmax", w.absmax)
+        # the paper's variant keeps the float weight for the outlier features (no memory saving in this simulation)
+        self.register_buffer("float_weight", layer.weight.detach().clone() if outlier_weight == "float" else None)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self._dtype = layer.weight.dtype
 
@@ -144,18 +165,22 @@ class Int8Linear(nn.Module):
         return Int8Weight(self.codes, self.absmax, torch.Size((self.out_features, self.in_features)), self._dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.outlier_weight == "float":
+            return linear(x, self.float_weight, self.threshold, self.bias, outlier_weight="float")
         return linear(x, self.weight_state, self.threshold, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}, "
+                f"outlier_weight={self.outlier_weight!r}")
 
 
-def convert(model: nn.Module, threshold: float | None = 6.0, *, targets=None, exclude=("lm_head",)) -> nn.Module:
+def convert(model: nn.Module, threshold: float | None = 6.0, *, outlier_weight: str = "int8", targets=None,
+            exclude=("lm_head",)) -> nn.Module:
     """Replace every selected nn.Linear of `model` by an Int8Linear, in place; return the model.
     (lm_head stays in full precision, as transformers' load_in_8bit keeps it.) Copy the model first to keep it."""
     _check_threshold(threshold)
     for name, layer in modules.linear_layers(model, targets, exclude).items():
-        modules.replace(model, name, Int8Linear(layer, threshold))
+        modules.replace(model, name, Int8Linear(layer, threshold, outlier_weight))
     return model
 
 

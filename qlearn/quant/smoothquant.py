@@ -12,7 +12,8 @@ that reads X,
     s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)          (max|W_j| over the column j of every reader)
 
 alpha = 0.5 splits the difficulty evenly: afterwards max|X_j / s_j| = max|W_j s_j| = sqrt(max|X_j| max|W_j|).
-alpha -> 1 moves everything into the weights, alpha = 0 leaves the activations (almost) as they are.
+alpha = 1 makes every activation channel's max 1 (all of the range moves into the weights); alpha = 0
+makes every weight column's max 1 (the weights' range moves into the activations).
 
 diag(s)^-1 is folded into whatever produced X, so smoothing costs nothing at run time:
 - the RMSNorm before q/k/v and before gate/up: norm.weight_j <- norm.weight_j / s_j (SmoothQuant's own pairs);
