@@ -43,12 +43,24 @@ def pack_4bit_low_first(codes: torch.Tensor) -> torch.Tensor:
     return (codes[0::2] | (codes[1::2] << 4)).to(torch.uint8)
 
 
-def bits_per_param(bits: int, group_size: int, symmetric: bool) -> float:
+def symmetric_scale_full_grid(x: torch.Tensor, bits: int) -> torch.Tensor:  # GPTQ's scale, 2 absmax / 15
+    return 2 * x.abs().max() / (2**bits - 1)
+
+
+def bits_per_param(bits: int, group_size: int, symmetric: bool, zero_point_bits: int = 16) -> float:
+    return bits + (16 + (0 if symmetric else zero_point_bits)) / group_size
+
+
+def bits_per_param_no_zero_point(bits: int, group_size: int, symmetric: bool, zero_point_bits: int = 16) -> float:
+    return bits + 16 / group_size
+
+
+def bits_per_param_zero_point_always_16(bits: int, group_size: int, symmetric: bool, zero_point_bits: int = 16) -> float:
     return bits + (16 if symmetric else 32) / group_size
 
 
-def bits_per_param_no_zero_point(bits: int, group_size: int, symmetric: bool) -> float:
-    return bits + 16 / group_size
+def bits_per_param_three_arguments(bits: int, group_size: int, symmetric: bool) -> float:  # the old signature
+    return bits + (16 if symmetric else 32) / group_size
 
 
 def stub(*args):
@@ -62,6 +74,8 @@ def test_symmetric_scale(capsys):
     assert result.status == "FAILED" and "divide by 2^(bits-1) - 1" in result.message
     result = nb02.symmetric_scale(symmetric_scale_no_abs)
     assert result.status == "FAILED" and "largest |x|" in result.message
+    result = nb02.symmetric_scale(symmetric_scale_full_grid)
+    assert result.status == "FAILED" and "full grid" in result.message
     assert nb02.symmetric_scale(stub).status == "NOT ATTEMPTED"
 
 
@@ -110,16 +124,24 @@ def test_bits_per_param(capsys):
     assert nb02.bits_per_param(bits_per_param).passed
     assert "PASSED 2.4" in capsys.readouterr().out
     result = nb02.bits_per_param(bits_per_param_no_zero_point)
-    assert result.status == "FAILED" and "zero point" in result.message
+    assert result.status == "FAILED" and "also stores its zero point" in result.message
+    result = nb02.bits_per_param(bits_per_param_zero_point_always_16)
+    assert result.status == "FAILED" and "not always 16" in result.message and "4.15625" in result.message
+    result = nb02.bits_per_param(bits_per_param_three_arguments)  # no zero_point_bits parameter
+    assert result.status == "FAILED" and "raised" in result.message
     assert nb02.bits_per_param(stub).status == "NOT ATTEMPTED"
 
 
 def test_bits_per_param_cases_match_qtensor():
+    from dataclasses import replace
+
     from qlearn.quant import quantize
 
-    for bits, group_size, symmetric, expected in nb02._BPP_CASES:
+    for bits, group_size, symmetric, zero_point_bits, expected in nb02._BPP_CASES:
         qt = quantize(torch.randn(4, 256), bits, symmetric, group_size=group_size)
-        assert qt.bits_per_param() == expected
+        if zero_point_bits is not None:
+            qt = replace(qt, zero_point_bits=zero_point_bits)
+        assert qt.bits_per_param() == expected  # exact: sums of powers of two
 
 
 def test_a_crashing_answer_is_reported_not_raised():

@@ -1,9 +1,10 @@
 """Checkers for notebook 02 (linear quantization).
 
-2.1 symmetric_scale(fn):    fn(x: Tensor, bits: int) -> scale, absmax / (2^(bits-1) - 1)
+2.1 symmetric_scale(fn):    fn(x: Tensor, bits: int) -> scale of the restricted grid, absmax / (2^(bits-1) - 1)
 2.2 asymmetric_params(fn):  fn(x: Tensor, bits: int) -> (scale, zero_point) of a min-max grid holding 0
 2.3 pack_4bit(fn):          fn(codes: uint8 Tensor) -> uint8 Tensor, two codes per byte, first in the high nibble
-2.4 bits_per_param(fn):     fn(bits, group_size, symmetric) -> storage bits per weight with fp16 scales/zero points
+2.4 bits_per_param(fn):     fn(bits, group_size, symmetric, zero_point_bits=16) -> storage bits per weight:
+                            bits + (16 + (zero_point_bits if asymmetric)) / group_size
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def symmetric_scale(fn) -> CheckResult:
             if isinstance(got, (int, float)) and abs(got - absmax / 2 ** (bits - 1)) < 1e-9:
                 hint = (f"you divided by 2^(bits-1) = {2 ** (bits - 1)}; the restricted symmetric range "
                         f"has {2 ** (bits - 1) - 1} levels on each side, so divide by 2^(bits-1) - 1")
+            elif isinstance(got, (int, float)) and abs(got - 2 * absmax / (2**bits - 1)) < 1e-9:
+                hint = ("2 * absmax / (2^bits - 1) is the full grid's scale (GPTQ's, codes -2^(bits-1) .. "
+                        "2^(bits-1) - 1); this exercise asks for the restricted grid, absmax / (2^(bits-1) - 1)")
             elif isinstance(got, (int, float)) and abs(got - absmax / (2**bits - 1)) < 1e-9:
                 hint = "2^bits - 1 levels is the asymmetric range; a symmetric grid divides by 2^(bits-1) - 1"
             elif isinstance(got, (int, float)) and abs(got - max(x) / (2 ** (bits - 1) - 1)) < 1e-9:
@@ -112,28 +116,41 @@ def pack_4bit(fn) -> CheckResult:
     return ex.result
 
 
-# (bits, group_size, symmetric, expected): bits + (16 [+ 16]) / group_size
+# (bits, group_size, symmetric, zero_point_bits or None for the default 16, expected):
+# bits + (16 [+ zero_point_bits]) / group_size; 4 + (16 + 4) / 128 = 4.15625 is GPTQ's packed format
 _BPP_CASES = [
-    (4, 128, True, 4 + 16 / 128),
-    (4, 64, False, 4 + 32 / 64),
-    (3, 32, True, 3 + 16 / 32),
-    (2, 16, False, 2 + 32 / 16),
+    (4, 128, True, None, 4 + 16 / 128),
+    (4, 64, False, None, 4 + 32 / 64),
+    (3, 32, True, None, 3 + 16 / 32),
+    (2, 16, False, None, 2 + 32 / 16),
+    (4, 128, False, 4, 4 + (16 + 4) / 128),
+    (3, 64, True, 3, 3 + 16 / 64),  # symmetric: no zero point stored, whatever its width
 ]
 
 
 def bits_per_param(fn) -> CheckResult:
-    """Exercise 2.4: storage bits per weight of per-group quantization (fp16 scale, fp16 zero point)."""
+    """Exercise 2.4: storage bits per weight of per-group quantization (fp16 scale, zero point of
+    zero_point_bits bits when asymmetric)."""
     with exercise("2.4", "bits per parameter with group scales") as ex:
-        for bits, group_size, symmetric, expected in _BPP_CASES:
-            got = fn(bits, group_size, symmetric)
+        for bits, group_size, symmetric, zero_point_bits, expected in _BPP_CASES:
+            if zero_point_bits is None:
+                what = f"bits_per_param({bits}, {group_size}, symmetric={symmetric})"
+                got = fn(bits, group_size, symmetric)
+            else:
+                what = f"bits_per_param({bits}, {group_size}, symmetric={symmetric}, zero_point_bits={zero_point_bits})"
+                got = fn(bits, group_size, symmetric, zero_point_bits=zero_point_bits)
             if isinstance(got, torch.Tensor):
                 got = got.item()
+            zp = 16 if zero_point_bits is None else zero_point_bits
             if got == bits + 16 / group_size and not symmetric:
-                hint = "an asymmetric group also stores its zero point: 16 more bits per group"
-            elif got == bits + 32 / group_size and symmetric:
+                hint = f"an asymmetric group also stores its zero point: {zp} more bits per group"
+            elif got == bits + (16 + zp) / group_size and symmetric:
                 hint = "a symmetric group has no zero point to store: only its fp16 scale"
+            elif zero_point_bits is not None and got == bits + 32 / group_size:
+                hint = ("the zero point takes zero_point_bits bits, not always 16: integer zero points packed "
+                        "in 4 bits (GPTQ) cost 4 per group")
             else:
-                hint = "bits per weight + (16 for the scale, + 16 for the zero point if asymmetric) / group_size"
-            ex.close(got, expected, what=f"bits_per_param({bits}, {group_size}, symmetric={symmetric})",
-                     atol=1e-12, rtol=0.0, hint=hint)
+                hint = ("bits per weight + (16 for the scale, + zero_point_bits for the zero point if "
+                        "asymmetric) / group_size")
+            ex.close(got, expected, what=what, atol=1e-12, rtol=0.0, hint=hint)
     return ex.result
