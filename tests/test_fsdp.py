@@ -89,8 +89,9 @@ def test_the_adapter_gathered_from_the_shards_merges_in_one_process(cpu_qlora_ru
     from qlearn.models import load_model
 
     record, _ = cpu_qlora_run
-    # reduction order again, on weights after 3 AdamW steps: measured 0 to a few e-7 here (information only)
-    assert record["adapter_max_abs_diff"] < 1e-4
+    # information, not a check: AdamW's first steps move each weight by about +-lr whatever the gradient's size,
+    # so rounding that flips a near-zero gradient's sign moves it by up to 2 lr a step; measured 1.8e-5
+    assert record["adapter_max_abs_diff"] < 2 * 1e-3 * 3
     base, tok = load_model("tiny", device="cpu", dtype=torch.float32)
     model = PeftModel.from_pretrained(base, record["adapter_saved"])
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
@@ -99,7 +100,8 @@ def test_the_adapter_gathered_from_the_shards_merges_in_one_process(cpu_qlora_ru
     with torch.no_grad():
         unmerged = model(x).logits
         merged = model.merge_and_unload()(x).logits
-    # float32 rounding of W + scaling * B A against x W^T + scaling * (x A^T) B^T: measured 2e-6
+    # float32 rounding of W + scaling * B A against x W^T + scaling * (x A^T) B^T: measured 9e-6 on logits
+    # up to 14 (B ~ N(0, 3e-3), about what 3 steps give)
     assert torch.allclose(merged, unmerged, atol=1e-4)
 
 
