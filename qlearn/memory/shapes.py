@@ -17,6 +17,8 @@ LLAMA_SHAPES = {
     "llama-13b": {"hidden": 5120, "intermediate": 13824, "layers": 40, "heads": 40, "vocab": 32000},
     "llama-33b": {"hidden": 6656, "intermediate": 17920, "layers": 60, "heads": 52, "vocab": 32000},
     "llama-65b": {"hidden": 8192, "intermediate": 22016, "layers": 80, "heads": 64, "vocab": 32000},
+    # Llama 2 70B (Touvron et al. 2023b, arXiv:2307.09288): grouped-query attention with 8 key/value heads
+    "llama-2-70b": {"hidden": 8192, "intermediate": 28672, "layers": 80, "heads": 64, "kv_heads": 8, "vocab": 32000},
     "tiny": {"hidden": 256, "intermediate": 768, "layers": 6, "heads": 4, "vocab": 8192},
 }
 
