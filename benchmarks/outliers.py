@@ -55,10 +55,11 @@ class Bench:
     def ppl(self, model) -> float:
         return qlearn.perplexity(model, self.tok, max_tokens=self.tokens)
 
-    def timed(self, key: str, fn):
-        """Run fn(), remember its CPU seconds (process time: all threads) under key, return its result."""
+    def timed(self, key: str, fn, *args, **kwargs):
+        """Run fn(*args, **kwargs), remember its CPU seconds (process time: all threads) under key,
+        return its result."""
         c = time.process_time()
-        out = fn()
+        out = fn(*args, **kwargs)
         self.seconds[key] = round(time.process_time() - c, 2)
         return out
 
@@ -79,7 +80,7 @@ def w_hat(out):
 
 def section_natural(b: Bench):
     calib = b.calib(0)
-    b.add("fp32/original", [b.timed("ppl fp32 (one evaluation)", lambda: b.ppl(b.model))])
+    b.add("fp32/original", [b.timed("ppl fp32 (one evaluation)", b.ppl, b.model)])
     for name in ("variant", "sparse"):
         b.add(f"fp32/{name}", [b.ppl(b.variants[name])], "the same function")
     with torch.no_grad():
@@ -89,7 +90,7 @@ def section_natural(b: Bench):
             b.lines.append(f"max |logits({name}) - logits(original)| = {diff:.2e}")
             print(b.lines[-1])
     for name, model in b.variants.items():
-        absmax = b.timed(f"channel_absmax {name}", lambda: outliers.channel_absmax(model, calib))
+        absmax = b.timed(f"channel_absmax {name}", outliers.channel_absmax, model, calib)
         kinds = {}
         for layer, a in absmax.items():
             kind = layer.rsplit(".", 1)[-1]
@@ -117,10 +118,10 @@ def section_w8a8(b: Bench):
         model = b.variants[name]
         for gran in ("per_tensor", "per_token"):
             with activations.simulate(model, 8, 8, granularity=gran):
-                b.add(f"W8A8 {gran} dynamic/{name}", [b.timed(f"ppl W8A8 {gran}", lambda: b.ppl(model))])
+                b.add(f"W8A8 {gran} dynamic/{name}", [b.timed(f"ppl W8A8 {gran}", b.ppl, model)])
         values = []
         for d in DRAWS:
-            scales = b.timed("calibrate static scales", lambda: activations.calibrate(model, b.calib(d)))
+            scales = b.timed("calibrate static scales", activations.calibrate, model, b.calib(d))
             with activations.simulate(model, 8, 8, scales=scales):
                 values.append(b.ppl(model))
         b.add(f"W8A8 per_tensor static/{name}", values, "3 calibration draws")
@@ -131,10 +132,11 @@ def section_llm_int8(b: Bench):
         q = llm_int8.convert(copy.deepcopy(b.variants[name]), 6.0, outlier_weight="float")
         b.add(f"LLM.int8 (6.0), float outlier weights (paper) qlearn/{name}", [b.ppl(q)])
         for threshold, label in ((6.0, "LLM.int8 (6.0)"), (None, "vector-wise int8")):
-            q = b.timed("llm_int8.convert", lambda: llm_int8.convert(copy.deepcopy(b.variants[name]), threshold))
-            b.add(f"{label} qlearn/{name}", [b.timed(f"ppl {label} qlearn", lambda: b.ppl(q))])
-            q = b.timed("llm_int8.to_bitsandbytes", lambda: llm_int8.to_bitsandbytes(copy.deepcopy(b.variants[name]), threshold))
-            b.add(f"{label} bitsandbytes/{name}", [b.timed(f"ppl {label} bitsandbytes", lambda: b.ppl(q))])
+            q = b.timed("llm_int8.convert", llm_int8.convert, copy.deepcopy(b.variants[name]), threshold)
+            b.add(f"{label} qlearn/{name}", [b.timed(f"ppl {label} qlearn", b.ppl, q)])
+            q = b.timed("llm_int8.to_bitsandbytes", llm_int8.to_bitsandbytes, copy.deepcopy(b.variants[name]),
+                        threshold)
+            b.add(f"{label} bitsandbytes/{name}", [b.timed(f"ppl {label} bitsandbytes", b.ppl, q)])
 
 
 def section_factor(b: Bench):
@@ -153,7 +155,7 @@ def section_smoothquant(b: Bench):
     for name in ("original", "variant", "sparse"):
         values = []
         for d in DRAWS:
-            s = b.timed("smoothquant.smooth", lambda: smoothquant.smooth(copy.deepcopy(b.variants[name]), b.calib(d), 0.5))
+            s = b.timed("smoothquant.smooth", smoothquant.smooth, copy.deepcopy(b.variants[name]), b.calib(d), 0.5)
             with activations.simulate(s, 8, 8):
                 values.append(b.ppl(s))
         b.add(f"SmoothQuant 0.5 + W8A8 per_tensor/{name}", values, "3 calibration draws")
@@ -172,7 +174,7 @@ def section_rotation(b: Bench):
         for a_bits in (8, 4):
             with activations.simulate(model, 4, a_bits, granularity="per_token"):
                 b.add(f"W4A{a_bits} per_token/{name}", [b.ppl(model)])
-        rotated = [b.timed("rotation.rotate", lambda: rotation.rotate(copy.deepcopy(model), seed)) for seed in DRAWS]
+        rotated = [b.timed("rotation.rotate", rotation.rotate, copy.deepcopy(model), seed) for seed in DRAWS]
         values = []
         for r in rotated:
             with activations.simulate(r, 4, None):
@@ -227,7 +229,7 @@ def section_awq(b: Bench, bits=3, group_size=128):
         values = []
         for d in DRAWS:
             q = copy.deepcopy(model)
-            b.timed("AWQ (quantize_model awq)", lambda: quantize_model(q, "awq", bits, group_size, calib=list(b.calib(d, 32))))
+            b.timed("AWQ (quantize_model awq)", quantize_model, q, "awq", bits, group_size, calib=list(b.calib(d, 32)))
             values.append(b.ppl(q))
         b.add(f"AWQ {bits}-bit g{group_size}/{name}", values, "3 calibration draws")
 
@@ -243,8 +245,8 @@ def section_gptq(b: Bench, bits=3):
             values = []
             for d in DRAWS:
                 q = copy.deepcopy(model)
-                b.timed(f"GPTQ {g} (quantize_model gptq)",
-                        lambda: quantize_model(q, "gptq", bits, group_size, calib=list(b.calib(d, 32))))
+                b.timed(f"GPTQ {g} (quantize_model gptq)", quantize_model, q, "gptq", bits, group_size,
+                        calib=list(b.calib(d, 32)))
                 values.append(b.ppl(q))
             b.add(f"GPTQ {bits}-bit {g}/{name}", values, "3 calibration draws")
 

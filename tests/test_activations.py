@@ -77,9 +77,8 @@ def test_simulate_quantizes_weights_and_inputs_then_restores_everything():
 def test_simulate_restores_the_model_after_an_error_inside():
     model = _model()
     weights = [p.data.clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match="boom"):
-        with activations.simulate(model, 4, 4, exclude=()):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), activations.simulate(model, 4, 4, exclude=()):
+        raise RuntimeError("boom")
     assert all(torch.equal(p.data, w) for p, w in zip(model.parameters(), weights))
     assert all(not m._forward_pre_hooks for m in model.modules())
 
@@ -105,17 +104,13 @@ def test_bad_arguments_raise_clear_errors():
         activations.fake_quantize(x, 8, "per_channel")
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         activations.fake_quantize(torch.ones(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="w_bits and a_bits are both None"):
-        with activations.simulate(model, None, None):
-            pass
-    with pytest.raises(ValueError, match="static scales are per-tensor"):
-        with activations.simulate(model, 8, 8, granularity="per_token", scales={}):
-            pass
-    with pytest.raises(ValueError, match="scales has no entry for 2 selected layers"):
-        with activations.simulate(model, 8, 8, scales={}, exclude=()):
-            pass
-    with pytest.raises(ValueError, match="w_granularity must be one of"):
-        with activations.simulate(model, 8, 8, w_granularity="per_group"):
-            pass
+    with pytest.raises(ValueError, match="w_bits and a_bits are both None"), activations.simulate(model, None, None):
+        pass
+    with pytest.raises(ValueError, match="static scales are per-tensor"), activations.simulate(model, 8, 8, granularity="per_token", scales={}):
+        pass
+    with pytest.raises(ValueError, match="scales has no entry for 2 selected layers"), activations.simulate(model, 8, 8, scales={}, exclude=()):
+        pass
+    with pytest.raises(ValueError, match="w_granularity must be one of"), activations.simulate(model, 8, 8, w_granularity="per_group"):
+        pass
     with pytest.raises(ValueError, match="calib is missing"):
         activations.calibrate(model, None)
