@@ -1,6 +1,8 @@
 """The notebook 06 checkers: a correct answer passes, a typical mistake fails with its hint, a stub is
 reported as not attempted; the checkers' expected values agree with torch, qlearn.lora and PEFT's shapes."""
 
+import math
+
 import pytest
 import torch
 
@@ -57,7 +59,7 @@ def merge_without_scaling(W, A, B, alpha, r):
 
 
 def stub(*args):
-    raise NotImplementedError("Exercise 5.x: your code here")
+    raise NotImplementedError("Exercise 6.x: your code here")
 
 
 def test_survive_cases_are_torchs_rounding():
@@ -93,3 +95,105 @@ def test_checker_passes_fails_with_hint_and_reports_a_stub(checker, good, bad, h
 def test_merge_checker_catches_in_place_merging():
     result = nb06.merge_lora_weight(merge_in_place)
     assert result.status == "FAILED" and "changed W in place" in result.message
+
+
+def scaling(alpha, r, use_rslora):
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def scaling_always_over_r(alpha, r, use_rslora):  # the usual mistake: rsLoRA's flag ignored
+    return alpha / r
+
+
+def scaling_sqrt_of_ratio(alpha, r, use_rslora):
+    return math.sqrt(alpha / r) if use_rslora else alpha / r
+
+
+def dora(W, A, B, m, scaling):
+    adapted = W + scaling * (B @ A)
+    return m.view(-1, 1) * adapted / adapted.norm(dim=1, keepdim=True)
+
+
+def dora_column_norms(W, A, B, m, scaling):  # the usual mistake: the norm over the wrong dimension
+    adapted = W + scaling * (B @ A)
+    return m.view(-1, 1) * adapted / adapted.norm(dim=0, keepdim=True)
+
+
+def dora_norm_of_w(W, A, B, m, scaling):
+    return m.view(-1, 1) * (W + scaling * (B @ A)) / W.norm(dim=1, keepdim=True)
+
+
+def pissa(W, r, scaling):
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    root = torch.sqrt(S[:r] / scaling)
+    B, A = U[:, :r] * root, root[:, None] * Vh[:r]
+    return A, B, W - scaling * B @ A
+
+
+def pissa_smallest(W, r, scaling):  # the usual mistake: the last r triplets
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    root = torch.sqrt(S[-r:] / scaling)
+    B, A = U[:, -r:] * root, root[:, None] * Vh[-r:]
+    return A, B, W - scaling * B @ A
+
+
+def pissa_unscaled(W, r, scaling):
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    B, A = U[:, :r] * S[:r].sqrt(), S[:r].sqrt()[:, None] * Vh[:r]
+    return A, B, W - scaling * B @ A
+
+
+def pissa_no_residual(W, r, scaling):
+    A, B, _ = pissa(W, r, scaling)
+    return A, B, W
+
+
+@pytest.mark.parametrize("checker, good, bad, hint", [
+    (nb06.lora_scaling, scaling, scaling_always_over_r, "not by r"),
+    (nb06.lora_scaling, scaling, scaling_sqrt_of_ratio, "of r alone"),
+    (nb06.dora_weight, dora, dora_column_norms, "rows of the (out, in) weight"),
+    (nb06.dora_weight, dora, dora_norm_of_w, "ADAPTED weight"),
+    (nb06.pissa_init, pissa, pissa_smallest, "descending order"),
+    (nb06.pissa_init, pissa, pissa_unscaled, "split S_r / scaling"),
+    (nb06.pissa_init, pissa, pissa_no_residual, "W_res + scaling * B @ A = W"),
+])
+def test_new_checkers_pass_fail_with_hint_and_report_a_stub(checker, good, bad, hint, capsys):
+    test_checker_passes_fails_with_hint_and_reports_a_stub(checker, good, bad, hint, capsys)
+
+
+def test_scaling_cases_are_qlearns_and_pefts():
+    from peft import LoraConfig, get_peft_model
+
+    from qlearn.lora import LoRALinear
+
+    for alpha, r, rs in nb06._SCALING_CASES:
+        ours = LoRALinear(torch.nn.Linear(64, 64), r, alpha, use_rslora=rs).scaling
+        peft_layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 64)),
+                                    LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], use_rslora=rs))
+        assert ours == peft_layer.base_model.model[0].scaling["default"] == scaling(alpha, r, rs)
+
+
+def test_dora_case_is_qlearns_merged_weight():
+    from qlearn.lora import LoRALinear
+
+    W, A, B, m, s = nb06._dora_case()
+    base = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(W)
+        layer = LoRALinear(base, r=1, alpha=s, use_dora=True)  # scaling alpha / r = s
+        layer.A.copy_(A)
+        layer.B.copy_(B)
+        layer.magnitude.copy_(m)
+    assert torch.equal(layer.merged_weight(), nb06._dora(W, A, B, m, s))
+    assert not torch.allclose(W.norm(dim=0), W.norm(dim=1)[:1].expand(3))  # rows and columns differ: catchable
+
+
+def test_pissa_case_is_qlearns_pissa_init():
+    from qlearn.lora import pissa_init
+
+    W, r, s = nb06._pissa_case()
+    A, B, W_res = pissa_init(W, r, s)
+    good_A, good_B, good_res = pissa(W, r, s)
+    assert torch.allclose(B @ A, good_B @ good_A, atol=1e-6) and torch.allclose(W_res, good_res, atol=1e-6)
+    S = torch.linalg.svdvals(W)
+    assert (S[:-1] - S[1:]).min() > 0.1  # distinct singular values: the top r are well defined

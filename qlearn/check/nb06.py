@@ -5,15 +5,21 @@
 6.2 lora_forward(fn):         fn(x, W, b, A, B, alpha, r) -> x W^T + b + (alpha / r) x A^T B^T
 6.3 lora_param_count(fn):     fn(config, r, target_modules) -> trainable parameters LoRA adds to a Llama
 6.4 merge_lora_weight(fn):    fn(W, A, B, alpha, r) -> W + (alpha / r) B @ A, without changing W
+6.5 lora_scaling(fn):         fn(alpha, r, use_rslora) -> alpha / r, or alpha / sqrt(r) (rsLoRA)
+6.6 dora_weight(fn):          fn(W, A, B, m, scaling) -> m (W + s B A) / ||W + s B A||, the norm of each row
+6.7 pissa_init(fn):           fn(W, r, scaling) -> (A, B, W_res): s B A = U_r S_r V_r^T, W_res = W - s B A
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from . import CheckResult, exercise
 
-__all__ = ["bf16_update_survives", "lora_forward", "lora_param_count", "merge_lora_weight"]
+__all__ = ["bf16_update_survives", "dora_weight", "lora_forward", "lora_param_count", "lora_scaling",
+           "merge_lora_weight", "pissa_init"]
 
 # (weight, update, survives): bf16 keeps 8 significant bits, so the spacing at w in [2^e, 2^(e+1)) is
 # 2^(e-7), and an update survives round-to-nearest-even when it is more than half of it (exactly half:
@@ -125,4 +131,103 @@ def merge_lora_weight(fn) -> CheckResult:
         W, A, B = torch.randn(4, 6, generator=g), torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)
         ex.close(fn(W, A, B, 8.0, 2), W + 4.0 * (B @ A), what="merge with alpha=8, r=2", atol=1e-6, rtol=1e-6,
                  hint="the scaling is alpha / r = 4 here")
+    return ex.result
+
+
+# (alpha, r, use_rslora): alpha / r, or rsLoRA's alpha / sqrt(r); the two agree at r = 1
+_SCALING_CASES = [(16, 8, False), (16, 8, True), (16, 64, True), (16, 64, False), (8, 1, True), (32, 4, True)]
+
+
+def lora_scaling(fn) -> CheckResult:
+    """Exercise 6.5: LoRA's scaling s, plain (alpha / r) or rank-stabilized (alpha / sqrt(r))."""
+    with exercise("6.5", "rsLoRA's scaling") as ex:
+        for alpha, r, rs in _SCALING_CASES:
+            got = fn(alpha, r, rs)
+            expected = alpha / math.sqrt(r) if rs else alpha / r
+            what = f"scaling for alpha={alpha}, r={r}, use_rslora={rs}"
+            if isinstance(got, (int, float)) and r > 1:
+                if rs and math.isclose(got, alpha / r):
+                    ex.fail(f"{what}: got alpha / r = {got:g}", hint="rsLoRA divides alpha by sqrt(r), not by r")
+                if math.isclose(got, math.sqrt(alpha / r)):
+                    ex.fail(f"{what}: got sqrt(alpha / r) = {got:g}",
+                            hint="the square root is of r alone: alpha / math.sqrt(r)")
+                if not rs and math.isclose(got, alpha / math.sqrt(r)):
+                    ex.fail(f"{what}: got alpha / sqrt(r) = {got:g}",
+                            hint="without use_rslora it is plain LoRA's alpha / r")
+            ex.close(got, expected, what=what, atol=0, rtol=1e-12,  # one division and one square root
+                     hint="s = alpha / r for LoRA, alpha / math.sqrt(r) for rsLoRA")
+    return ex.result
+
+
+def _dora_case():
+    # small integers and halves: W + s B A is exact in fp32, so the checker's answer is the formula's
+    W = torch.tensor([[3.0, 0.0, 4.0], [0.0, 1.0, 0.0]])  # (out=2, in=3): row norms 5 and 1, column norms 3, 1, 4
+    A = torch.tensor([[0.0, 1.0, 0.0]])                    # (r=1, in=3)
+    B = torch.tensor([[0.5], [1.0]])                       # (out=2, r=1)
+    m = torch.tensor([10.0, 3.0])                          # the magnitude, one per output feature (row)
+    return W, A, B, m, 2.0
+
+
+def _dora(W, A, B, m, scaling, dim=1, with_delta_in_norm=True):
+    adapted = W + scaling * (B @ A)
+    norm = (adapted if with_delta_in_norm else W).norm(dim=dim, keepdim=True)  # (out, 1) or (1, in)
+    return m.view(-1, 1) * adapted / norm
+
+
+def dora_weight(fn) -> CheckResult:
+    """Exercise 6.6: DoRA's merged weight, magnitude times the unit-norm direction of each row."""
+    with exercise("6.6", "DoRA's weight: magnitude and direction") as ex:
+        W, A, B, m, s = _dora_case()
+        got = fn(W.clone(), A.clone(), B.clone(), m.clone(), s)
+        expected = _dora(W, A, B, m, s)
+        ex.tensor_like(got, expected, what="the DoRA weight", hint="return an (out, in) tensor like W")
+        tol = dict(atol=1e-6, rtol=1e-6)  # one norm and one division in fp32
+        if torch.allclose(got, m.view(-1, 1) * (W + s * B @ A) / (W + s * B @ A).norm(dim=0), **tol):
+            ex.fail("you normalized the columns", hint="DoRA's norm is per output feature: the rows of the "
+                    "(out, in) weight, (W + s B A).norm(dim=1, keepdim=True), as PEFT's lora_magnitude_vector")
+        if torch.allclose(got, _dora(W, A, B, m, s, with_delta_in_norm=False), **tol):
+            ex.fail("you divided by the norm of W", hint="the direction is the ADAPTED weight's: divide "
+                    "W + s B A by its own row norms, so that every row of the result has norm m")
+        if torch.allclose(got, _dora(W, A, B, m, 1.0), **tol):
+            ex.fail("the update is missing its scaling", hint="add scaling * (B @ A), not B @ A")
+        ex.close(got, expected, what="the DoRA weight for W=[[3,0,4],[0,1,0]], m=[10,3], s=2", **tol,
+                 hint="m.view(-1, 1) * (W + s B A) / (W + s B A).norm(dim=1, keepdim=True)")
+        ex.close(got.norm(dim=1), m, what="the row norms of your weight", **tol,
+                 hint="each row of DoRA's weight has norm m: the magnitude is the row's length")
+    return ex.result
+
+
+def _pissa_case():
+    g = torch.Generator().manual_seed(6)
+    return torch.randn(6, 5, generator=g), 2, 0.5  # W (out=6, in=5), r, scaling
+
+
+def pissa_init(fn) -> CheckResult:
+    """Exercise 6.7: PiSSA's A, B (top-r singular triplets) and the residual the base keeps."""
+    with exercise("6.7", "PiSSA's initialization") as ex:
+        W, r, s = _pissa_case()
+        U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)  # S descending
+        top = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]  # the best rank-r approximation of W
+        bottom = U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:]
+        got = fn(W.clone(), r, s)
+        ex.true(isinstance(got, tuple) and len(got) == 3, "expected a tuple (A, B, W_res)",
+                hint="return A, B, W - scaling * B @ A")
+        A, B, W_res = got
+        ex.tensor_like(A, torch.empty(r, 5), what="A", hint="A is (r, in) = sqrt(S_r / scaling)[:, None] * Vh[:r]")
+        ex.tensor_like(B, torch.empty(6, r), what="B", hint="B is (out, r) = U[:, :r] * sqrt(S_r / scaling)")
+        product = s * (B.double() @ A.double())  # products, so the SVD's sign freedom does not matter
+        tol = dict(atol=1e-5, rtol=1e-5)  # a float32 SVD against this float64 one
+        if torch.allclose(product, bottom, **tol):
+            ex.fail("your adapter holds the r SMALLEST singular triplets",
+                    hint="torch.linalg.svd returns S in descending order: the top r are U[:, :r], S[:r], Vh[:r]")
+        if torch.allclose(product, s * s * top, **tol) or torch.allclose(product, top / s, **tol) \
+                or torch.allclose(product, s * top, **tol):
+            ex.fail("scaling * B @ A is not U_r S_r V_r^T",
+                    hint="split S_r / scaling between the two factors: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T")
+        ex.close(product, top, what="scaling * B @ A", **tol,
+                 hint="the adapter starts as the top-r part of the SVD: scaling * B @ A = U_r S_r V_r^T")
+        if torch.allclose(W_res.double(), W.double(), **tol):
+            ex.fail("W_res equals W", hint="the base keeps the residual W - scaling * B @ A, so that "
+                    "W_res + scaling * B @ A = W and the model starts unchanged")
+        ex.close(W_res.double(), W.double() - top, what="W_res", **tol, hint="W_res = W - scaling * B @ A")
     return ex.result
