@@ -297,6 +297,7 @@ def sdpa_ops(model, *, batch_size: int = 1, seq_len: int = 128, device="cuda", a
 
     device = torch.device(device)
     x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
+    model.train()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=x, labels=x).loss
@@ -315,7 +316,8 @@ def saved_tensors(model, *, batch_size: int, seq_len: int, device="cuda", autoca
         parameter_bytes   saved tensors that are the model's parameters (not counted in total_bytes)
         largest           the `top` largest storages: shape, dtype, bytes
 
-    With gradient checkpointing, the recomputation of the backward pass is not seen (only the forward)."""
+    Meant for runs without gradient checkpointing: torch.utils.checkpoint installs saved-tensor hooks of
+    its own inside each block, and what the outer hooks then see is not what the step keeps."""
     device = torch.device(device)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, tuple] = {}
@@ -336,6 +338,7 @@ def saved_tensors(model, *, batch_size: int, seq_len: int, device="cuda", autoca
         return t
 
     x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
+    model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=x, labels=x).loss

@@ -65,6 +65,31 @@ is fused by default (attention="fused": flash, cuDNN or memory-efficient SDPA, n
                  n x T x T gradients are not modeled (tiny shape on the CPU: +8% at T = 256, -15% at 512).
                  Modeled for fp32 activations only: the math kernel upcasts 16-bit inputs, and on a GPU
                  a fused kernel takes 16-bit ones.
+autocast=True: the forward under torch.autocast(bfloat16), as Trainer/TRL with bf16=True run it (the
+                 learner's usual path; the default False is the forward in the weights' dtypes). Weights
+                 keep their dtype; every matmul (linear, SDPA) runs in bf16 and saves bf16 inputs. Read off
+                 the tensors autograd saves (gpu_lab.saved_tensors) in transformers' Llama and PEFT's LoRA:
+        LoRA block      8h + 2(2 h_q + 2 h_kv) + 4n + 6m + 2(5h + h_q + m) + 14r
+                        (as above with a = 2, but each adapter's A saves the bf16 cast of its fp32 input
+                        instead of the fp32 input, and the 7 A outputs are bf16)
+        QLoRA block     8h + 2(2 h_q + 2 h_kv) + 4n + 12m + 2(5h + m) + 14r
+                        (prepare_model_for_kbit_training keeps the residual stream, the norms and
+                        bitsandbytes' outputs in fp32: the fp32 norm inputs 8h, the fp32 MLP (gate, SiLU
+                        output, up: 12m); q, k, v reach SDPA as bf16 casts, so the fused kernel runs and
+                        keeps bf16 q, k, v, output and a 4-byte logsumexp per head; each adapter saves
+                        the bf16 cast of its input, except o's, which is the bf16 attention output itself)
+                 and outside the blocks: the bf16 copies autocast makes of fp32 trainable weights (LoRA's
+                 A and B: 2 bytes per trained parameter; with grad checkpointing they are remade per
+                 block in the backward, so not counted), and for QLoRA the bf16 copy of the fp32 head
+                 (2 V h), which the head's matmul saves for the backward. Full and freeze with bf16
+                 weights: autocast changes nothing (everything is bf16 already). Not modeled: fp32
+                 weights under autocast (Trainer's fp32 master weights for full fine-tuning), fp16.
+                 CPU autocast (torch.autocast("cpu")) casts the same ops; what differs on a CPU is the
+                 SDPA kernel (CPU flash, which keeps the same tensors) and PEFT's 4-bit LoRA layer: it
+                 skips its fp32 input cast when torch.is_autocast_enabled() (CUDA's autocast) is on, so on
+                 a CPU o's adapter casts the bf16 attention output to fp32 and autocast back to bf16, a
+                 copy of 2 h_q bytes per token and block that CUDA does not make (QLoRA: -1.6% on the
+                 CPU, tests/test_gpu_lab.py).
 method="inference" (a prefill of batch x seq tokens with a KV cache) counts the weights, the KV cache
 (2 L h_kv a per token), a block's working set a(2h + 3m) per token and the last position's logits;
 a rough guide, not checked against a measurement.
@@ -215,9 +240,15 @@ def _check_int(name: str, value, low: int = 1, high: int | None = None) -> None:
         raise ValueError(f"{name} must be an int {span}, got {value!r}")
 
 
-def _block_bytes(s: Shape, a: int, lora_r: int | None, seq_len: int, attention: str = "fused") -> int:
+def _block_bytes(s: Shape, a: int, lora_r: int | None, seq_len: int, attention: str = "fused",
+                 autocast: bool = False) -> int:
     """Bytes saved for the backward pass per token by one block (formulas in the module docstring)."""
     h, hq, hkv, m = s.hidden, s.q_width, s.kv_width, s.intermediate
+    if autocast and lora_r is not None:  # bf16 matmuls; a = 4: QLoRA's fp32 residual stream
+        attn = 2 * (2 * hq + 2 * hkv) + 4 * s.heads  # bf16 q, output, k, v; fp32 logsumexp
+        if a == 4:
+            return 8 * h + attn + 12 * m + 2 * (5 * h + m) + 14 * lora_r
+        return 8 * h + attn + 6 * m + 2 * (5 * h + hq + m) + 14 * lora_r
     if attention == "fused":  # rotated q and the attention output, k and v, logsumexp
         attn = 2 * a * hq + 2 * a * hkv + 4 * s.heads
     else:  # math kernel: the output, probabilities, scaled q and k and v repeated to n heads
@@ -246,7 +277,7 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
              weight_format: str | None = None, lora_r: int | None = None, grad_checkpointing: bool = False,
              mixed_precision: bool = False, double_quant: bool = True,
              trainable_layers: int | None = None, attention: str = "fused", prepare_kbit: bool = True,
-             n_gpus: int = 1, sharding: str = "none", cpu_offload: bool = False) -> Ledger:
+             n_gpus: int = 1, sharding: str = "none", cpu_offload: bool = False, autocast: bool = False) -> Ledger:
     """The memory ledger of one training step (or a forward pass) of a Llama-shaped model.
 
     model_or_config   a name in LLAMA_SHAPES ("llama-7b", ..., "tiny"), a transformers config or a model
@@ -264,6 +295,8 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
                       embeddings, norms and head, fp32 residual stream); False keeps them and the
                       activations in bf16, FSDP-QLoRA's recipe (bnb_4bit_quant_storage=bf16; TRL skips the
                       prepare step when the 4-bit weights are to be sharded)
+    autocast          True: the forward under bf16 autocast (Trainer/TRL with bf16=True; module docstring):
+                      methods "full"/"freeze" with bf16 weights, "lora", "qlora" with prepare_kbit=True
     n_gpus, sharding  the ledger of one of n_gpus ranks: sharding "none" (each holds everything) or "full"
                       (FSDP: module docstring); cpu_offload=True (sharding "full" only) moves the shards to the CPU
     """
@@ -312,6 +345,17 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
         raise ValueError("sharding='full' models FSDP training with float weights or 4-bit weights in a float "
                          "storage dtype (nf4, fp4); LLM.int8 weights are int8, which FSDP does not shard, and "
                          f"'inference' is not training: got method={method!r}, weight_format={fmt!r}")
+
+    if not isinstance(autocast, bool):
+        raise ValueError(f"autocast must be True or False, got {autocast!r}")
+    if autocast and (method == "inference" or (method in ("full", "freeze") and fmt != "bf16")
+                     or (method == "qlora" and not prepare_kbit)):
+        raise ValueError("autocast=True is modeled for 'full'/'freeze' with weight_format 'bf16', 'lora', and "
+                         f"'qlora' with prepare_kbit=True; got method={method!r}, weight_format={fmt!r}, "
+                         f"prepare_kbit={prepare_kbit!r}")
+    if autocast and attention == "math":
+        raise ValueError("attention='math' with autocast=True: under bf16 autocast q, k and v are bf16 and a "
+                         "fused kernel runs on a GPU: use attention='fused'")
 
     tokens = batch_size * seq_len
     h, L, V = s.hidden, s.layers, s.vocab
@@ -373,7 +417,7 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
     else:
         m = s.intermediate
         trained_blocks = trainable_layers if method == "freeze" else L
-        per_block = _block_bytes(s, a, lora_r, seq_len, attention)
+        per_block = _block_bytes(s, a, lora_r, seq_len, attention, autocast)
         head = 4 * h + (2 * a * h if method in ("full", "freeze") else 0)  # final norm (+ head input)
         # gradient buffers of the block being differentiated: 16-bit (or fp32) MLP- and model-width
         # gradients, and for LoRA the fp32 gradient of the adapters' MLP-width input
@@ -385,6 +429,10 @@ def estimate(model_or_config, method: str, *, batch_size: int, seq_len: int, opt
             first_norm = 0 if method == "full" else 4 * h  # its input needs no gradient
             saved = trained_blocks * per_block - first_norm + head
         activations = saved * tokens
+        if autocast and lora_r is not None:  # autocast's bf16 copies of fp32 weights that matmuls save
+            copies = 0 if grad_checkpointing else 2 * sum(n for n, _ in trained)
+            copies += 2 * V * h if method == "qlora" else 0  # the fp32 head (prepare_kbit), cast for its matmul
+            activations += copies
         logits = 12 * V * tokens
 
     # Step 5: per rank under FSDP: shards of the parameters and gradients, the unsharded units it gathers
