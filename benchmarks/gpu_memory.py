@@ -8,9 +8,9 @@ measures (qlearn.gpu_lab.measure) peak allocated and reserved memory, what the f
 SDPA kernel and the median step time, beside qlearn.memory.estimate's prediction for the same
 configuration. "real" rows take the learner's path (bf16 autocast around the forward, as Trainer/TRL
 with bf16=True); "variants" are the same configurations without autocast (the old harness) and full
-fine-tuning with fp32 weights under autocast; "trainer" measures two real-path rows again through
-transformers.Trainer itself (bf16=True: qlearn.gpu_lab.measure_trainer), the check that the harness's
-autocast loop is the learner's path. Each row is guarded: a failure is recorded in the JSON's
+fine-tuning with fp32 weights under autocast (in "unmodeled_rows": the ledger does not model it);
+"trainer" measures two real-path rows again through transformers.Trainer itself (bf16=True:
+qlearn.gpu_lab.measure_trainer), the check that the harness's autocast loop is the learner's path. Each row is guarded: a failure is recorded in the JSON's
 "errors" and the run goes on; the JSON is rewritten after every row. Needs a CUDA GPU (~3 min on an H200).
 `--device cpu --quick` runs the logic on a tiny model on the CPU (a smoke test: no memory figures).
 """
@@ -79,6 +79,10 @@ def one_row(model_dir, cfg, config, steps: int) -> dict:
     return row
 
 
+def wdtype_of(cfg) -> str:
+    return cfg[6]
+
+
 def cpu_smoke() -> None:
     """The same loading and training code on a tiny Llama on the CPU (no allocator figures there)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -130,13 +134,14 @@ def main() -> None:
               "how": "qlearn.gpu_lab.measure: from_pretrained as a learner loads, steps+1 optimizer steps on random "
                      "tokens (the first untimed), gc.collect + empty_cache before each baseline; autocast=True: "
                      "the forward under torch.autocast('cuda', bfloat16) as Trainer/TRL with bf16=True",
-              "rows": [], "errors": []}
+              "rows": [], "unmodeled_rows": [], "errors": []}
     if args.out.exists() and args.only != "all":  # keep the other half of an earlier run
         old = json.loads(args.out.read_text())
         keep = [r for r in old.get("rows", []) if tuple(
             (r["method"], r["batch_size"], r["seq_len"], r["grad_checkpointing"], r["optimizer"],
              r.get("autocast", False), r.get("weights_dtype", "bf16"))) not in configs and "autocast" in r]
         result["rows"] = keep
+        result["unmodeled_rows"] = [r for r in old.get("unmodeled_rows", []) if args.only != "variants"]
         if args.only != "trainer":
             result["trainer"] = old.get("trainer", [])
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +159,8 @@ def main() -> None:
                 log(f"FAILED {name}: {type(err).__name__}: {err}")
                 gpu_lab._release()
                 continue
-            result["rows"].append(row)
+            # fp32 weights under autocast are not in memory.estimate's model: kept apart from the ledger rows
+            result["rows" if row.get("predicted_bytes") or wdtype_of(cfg) == "bf16" else "unmodeled_rows"].append(row)
             pred = f"{row['predicted_bytes'] / 2**30:6.2f}" if row.get("predicted_bytes") else "     -"
             log(f"{name:<30} peak {row['peak_bytes'] / 2**30:6.2f} GiB (reserved {row['peak_reserved_bytes'] / 2**30:6.2f}, "
                 f"weights {row['weights_bytes'] / 2**30:5.2f}, forward keeps {row['forward_bytes'] / 2**30:5.2f}, "
