@@ -58,6 +58,29 @@ def lora_params_one_layer(config, r, target_modules):
     return lora_params(config, r, target_modules) // config.num_hidden_layers
 
 
+def loftq_step(w, low_rank, r, quant):
+    q = quant(w - low_rank)
+    U, S, Vh = torch.linalg.svd(w - q, full_matrices=False)
+    return q, U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+
+def loftq_step_quantizes_w(w, low_rank, r, quant):
+    q = quant(w)  # the mistake: the same Q at every step
+    U, S, Vh = torch.linalg.svd(w - q, full_matrices=False)
+    return q, U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+
+def loftq_step_svd_of_w(w, low_rank, r, quant):
+    q = quant(w - low_rank)
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # the mistake: PiSSA's factors, not the error's
+    return q, U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+
+def loftq_step_full_rank(w, low_rank, r, quant):
+    q = quant(w - low_rank)
+    return q, w - q  # the mistake: no rank-r truncation
+
+
 def stub(*args, **kwargs):
     raise NotImplementedError("Exercise 6.k: your code here")
 
@@ -66,6 +89,7 @@ def stub(*args, **kwargs):
     (nb07.double_quant_bits, double_quant_bits),
     (nb07.dequantize_block, dequantize_block),
     (nb07.lora_params, lora_params),
+    (nb07.loftq_step, loftq_step),
 ])
 def test_correct_solution_passes(checker, solution, capsys):
     result = checker(solution)
@@ -80,6 +104,9 @@ def test_correct_solution_passes(checker, solution, capsys):
     (nb07.dequantize_block, dequantize_block_unscaled, "multiply table[codes] by absmax"),
     (nb07.lora_params, lora_params_ignores_gqa, "num_key_value_heads * head_dim"),
     (nb07.lora_params, lora_params_one_layer, "multiply by num_hidden_layers"),
+    (nb07.loftq_step, loftq_step_quantizes_w, "Q = quant(W - low_rank)"),
+    (nb07.loftq_step, loftq_step_svd_of_w, "SVD of W - Q, not of W"),
+    (nb07.loftq_step, loftq_step_full_rank, "keep only the top r singular triplets"),
 ])
 def test_typical_mistake_fails_with_its_hint(checker, wrong, hint, capsys):
     result = checker(wrong)
@@ -87,7 +114,8 @@ def test_typical_mistake_fails_with_its_hint(checker, wrong, hint, capsys):
     assert capsys.readouterr().out.startswith("[qlearn.check] FAILED 7.")
 
 
-@pytest.mark.parametrize("checker", [nb07.double_quant_bits, nb07.dequantize_block, nb07.lora_params])
+@pytest.mark.parametrize("checker", [nb07.double_quant_bits, nb07.dequantize_block, nb07.lora_params,
+                                     nb07.loftq_step])
 def test_stub_is_not_attempted(checker, capsys):
     assert checker(stub).status == "NOT ATTEMPTED"
     assert "NOT ATTEMPTED" in capsys.readouterr().out
@@ -121,3 +149,20 @@ def test_lora_params_answer_is_peft_count():
                                                                               target_modules=targets))
         trainable, _ = model.get_nb_trainable_parameters()
         assert lora_params(config, r, targets) == trainable
+
+
+def test_loftq_step_answer_is_qlearn_loftq_init():
+    """One alternation of the answer gives qlearn.lora.loftq_init's Q and s B A (2 bits: RTN groups of 64).
+    (Not compared over two: the first step's low_rank differs from loftq_init's s (B A) in float32 rounding,
+    and at 2 bits that can move a whole group's zero point in the second step.)"""
+    from qlearn.lora import loftq_init
+    from qlearn.quant import quantize
+
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(3)) * 0.05
+    quant = lambda m: quantize(m, 2, symmetric=False, group_size=64).dequantize(torch.float32)  # noqa: E731
+    q, low_rank = loftq_step(w, torch.zeros_like(w), 4, quant)
+    q_ref, A, B, errors = loftq_init(w, 4, scaling=2.0, bits=2, iters=1)
+    assert torch.equal(q, q_ref)
+    # 1e-6: U S V^T against 2 (U sqrt(S/2)) (sqrt(S/2) V^T), float32 rounding on entries ~0.01
+    assert torch.allclose(low_rank, 2.0 * B @ A, atol=1e-6)
+    assert abs((w - q - low_rank).norm().item() - errors[0]) < 1e-6

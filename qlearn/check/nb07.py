@@ -3,6 +3,8 @@
 7.1 dequantize_block(fn):      fn(packed uint8 (32,), absmax, table) -> the block's 64 float32 values
 7.2 double_quant_bits(fn):     fn(code_bits, blocksize, absmax_bits, blocksize2, absmax2_bits) -> bits per parameter
 7.3 lora_params(fn):           fn(config, r, target_modules) -> number of trainable LoRA parameters
+7.4 loftq_step(fn):            fn(w, low_rank, r, quant) -> (Q, low_rank'): one LoftQ alternation,
+                               Q = quant(W - low_rank), low_rank' = SVD_r(W - Q)
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 
 from . import CheckResult, exercise
 
-__all__ = ["dequantize_block", "double_quant_bits", "lora_params"]
+__all__ = ["dequantize_block", "double_quant_bits", "loftq_step", "lora_params"]
 
 
 def double_quant_bits(fn) -> CheckResult:
@@ -105,4 +107,60 @@ def lora_params(fn) -> CheckResult:
             ex.equal(got, expected, what,
                      hint="each adapted layer adds A (r x in_features) and B (out_features x r); "
                           "sum over the targets and multiply by num_hidden_layers")
+    return ex.result
+
+
+def _rtn2(w: torch.Tensor) -> torch.Tensor:
+    """LoftQ's 2-bit quantizer in qlearn.lora: asymmetric RTN in groups of 64, dequantized to float32."""
+    from qlearn.quant import quantize
+
+    return quantize(w, 2, symmetric=False, group_size=64).dequantize(torch.float32)
+
+
+def _svd_r(m: torch.Tensor, r: int) -> torch.Tensor:
+    """The best rank-r approximation of m (Eckart-Young): U_r diag(S_r) V_r^T."""
+    U, S, Vh = torch.linalg.svd(m, full_matrices=False)  # U (out, k), S (k,), Vh (k, in)
+    return (U[:, :r] * S[:r]) @ Vh[:r]
+
+
+def loftq_step(fn) -> CheckResult:
+    """Exercise 7.4: Q = quant(W - low_rank), then low_rank' = SVD_r(W - Q) (qlearn.lora.loftq_init's loop)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(48, 128, generator=g) * 0.05
+    w[:, 5] *= 8  # an outlier input feature: a large, low-rank quantization error for the adapter to take
+    r = 4
+    q1 = _rtn2(w)
+    l1 = _svd_r(w - q1, r)
+    cases = [(torch.zeros_like(w), "the first step (low_rank = 0: Q is QLoRA's quant(W))"),
+             (l1, "the second step (low_rank from the first)")]
+    with exercise("7.4", "one LoftQ alternation step") as ex:
+        for low_rank, what in cases:
+            got = fn(w.clone(), low_rank.clone(), r, _rtn2)
+            if not isinstance(got, tuple) or len(got) != 2:
+                ex.fail(f"{what}: return a tuple (Q, low_rank), got {type(got).__name__}",
+                        hint="return q, low_rank")
+            q, new = got
+            q_ref = _rtn2(w - low_rank)
+            new_ref = _svd_r(w - q_ref, r)
+            ex.tensor_like(q, w, f"{what}: Q")
+            ex.tensor_like(new, w, f"{what}: low_rank")
+            if low_rank.abs().sum() > 0 and torch.equal(q.float(), q1) and not torch.equal(q1, q_ref):
+                ex.fail(f"{what}: your Q is quant(W), the same at every step",
+                        hint="Q = quant(W - low_rank): quantize what the adapter does not already carry")
+            # exact: the same quantizer on the same float32 input
+            ex.close(q.float(), q_ref, f"{what}: Q", atol=0, rtol=0, hint="Q = quant(w - low_rank)")
+            if torch.allclose(new.float(), _svd_r(w, r), atol=1e-4):
+                ex.fail(f"{what}: your low_rank is the top-r part of W itself (that is PiSSA's adapter)",
+                        hint="the adapter fits the quantization error: SVD of W - Q, not of W")
+            if torch.allclose(new.float(), w - q_ref, atol=1e-4):
+                ex.fail(f"{what}: your low_rank is the whole error W - Q, of full rank",
+                        hint="keep only the top r singular triplets: U[:, :r] diag(S[:r]) Vh[:r]")
+            # 1e-5: the same SVD, its factors multiplied in another order, differs by float32 rounding
+            # (entries of size ~0.1, a few ulps of 1e-8 each)
+            ex.close(new.float(), new_ref, f"{what}: low_rank", atol=1e-5, rtol=1e-4,
+                     hint="U, S, Vh = torch.linalg.svd(w - q, full_matrices=False); "
+                          "low_rank = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]")
+        err0, err2 = (w - q1).norm().item(), (w - q_ref - new_ref).norm().item()
+        ex.true(err2 < err0, f"||W - (Q + low_rank)|| after two steps {err2:.4f} should be below QLoRA's "
+                f"||W - quant(W)|| {err0:.4f}")
     return ex.result
