@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from importlib.metadata import version
@@ -61,7 +62,9 @@ def main() -> None:
     }
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, {args.size}x{args.size} bf16, blocks of 64; identical dequantized tensors: {same}")
+    load = os.getloadavg()[0] if device.type == "cpu" and hasattr(os, "getloadavg") else None
     result = {"date": time.strftime("%Y-%m-%d"), "device": name, "threads": torch.get_num_threads(),
+              "load_average_1min": round(load, 1) if load is not None else None,  # a shared CPU: timings depend on it
               "size": args.size, "identical": same,
               "versions": {p: version(p) for p in ("torch", "bitsandbytes")}, "rows": {}}
     for op, (q, b) in rows.items():
