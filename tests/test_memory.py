@@ -70,6 +70,11 @@ def test_integer_formats_add_their_scales():
     assert memory.bits_per_param("int8", 64, zero_point=True) == 8.5
     assert memory.bits_per_param("int4", 128) == 4 + 16 / 128
     assert memory.bits_per_param("int3", 64, zero_point=True) == 3 + 32 / 64
+    # GPTQ/AWQ checkpoints pack the zero points as 4-bit integers: 4 + (16 + 4)/128, not 4.25
+    assert memory.bits_per_param("int4", 128, zero_point=True, zero_point_bits=4) == 4 + 20 / 128
+    assert memory.bits_per_param("int4", 128, zero_point_bits=4) == 4 + 16 / 128  # no zero point: no cost
+    with pytest.raises(ValueError, match="zero_point_bits"):
+        memory.bits_per_param("int4", 128, zero_point=True, zero_point_bits=0)
     assert memory.bits_per_param("int4", None, row_length=256) == 4 + 16 / 256
 
 

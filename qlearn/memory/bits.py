@@ -8,7 +8,7 @@ N = values in the tensor, given as `numel=`):
                                                                 scale per 256 blocks: 4.127 (QLoRA Sec. 3:
                                                                 0.373 bits saved per parameter)
     llm.int8 (bitsandbytes)   8 + 32/row_length                 one fp32 scale per row (8 without row_length)
-    int2 .. int8 (groups)     b + 16/B (+ 16/B with zero_point)  fp16 scale (and zero point) per group of B;
+    int2 .. int8 (groups)     b + 16/B (+ z/B with zero_point)  fp16 scale (and a z-bit zero point) per group of B;
                                                                 blocksize=None: per row of row_length
     block-scaled floats (BLOCK_FORMATS; qlearn.formats.mx, qlearn.formats.fp8), default B their own:
         mxfp4, mxfp6, mxfp8   b + 8/B, B = 32                   E8M0 scale per 32: 4.25, 6.25, 8.25 (OCP MX)
@@ -79,7 +79,8 @@ FORMAT_DEFAULT = _FormatDefault()
 
 
 def bits_per_param(fmt: str, blocksize: int | None = FORMAT_DEFAULT, double_quant: bool = False, *,
-                   row_length: int | None = None, zero_point: bool = False, numel: int | None = None) -> float:
+                   row_length: int | None = None, zero_point: bool = False, zero_point_bits: int = 16,
+                   numel: int | None = None) -> float:
     """Storage bits per parameter of `fmt`, scales included (formulas in the module docstring).
 
     `blocksize` is the block (group) size of nf4/fp4/int2..int8 (default 64; None for intN means one scale
@@ -87,6 +88,8 @@ def bits_per_param(fmt: str, blocksize: int | None = FORMAT_DEFAULT, double_quan
     NVFP4, 128 x 128 and 128 for DeepSeek's weights and activations). "llm.int8" is LLM.int8 as bitsandbytes
     stores it (one fp32 scale per row). `numel` (the tensor's size) adds a per-tensor scale's 32/N where a
     format has one (nvfp4, fp8_tensorwise); other formats have none, and their answer does not change.
+    `zero_point_bits` is what a zero point costs with `zero_point=True`: 16 (an fp16 zero point, HQQ's) or the
+    code width b when it is packed as an integer (GPTQ and AWQ checkpoints: 4 + (16 + 4)/128 = 4.156 bits).
     """
     if not isinstance(fmt, str):
         raise TypeError(f"fmt must be a format name such as 'bf16', 'nf4' or 'q4_k', got {fmt!r}")
@@ -111,7 +114,9 @@ def bits_per_param(fmt: str, blocksize: int | None = FORMAT_DEFAULT, double_quan
                          f"a block-scaled float {sorted(BLOCK_FORMATS)} or a GGUF type {sorted(GGUF_LAYOUTS)}, "
                          f"got {fmt!r}")
     blocksize = 64 if blocksize is FORMAT_DEFAULT else blocksize
-    zero_bits = 16 if zero_point else 0
+    if isinstance(zero_point_bits, bool) or not isinstance(zero_point_bits, int) or not 1 <= zero_point_bits <= 32:
+        raise ValueError(f"zero_point_bits must be an int in 1..32, got {zero_point_bits!r}")
+    zero_bits = zero_point_bits if zero_point else 0
     if blocksize is None and is_int:  # one scale (and zero point) per row
         return _formula(int(name[3:]), row_length, scale_bits=16, zero_point_bits=zero_bits) if row_length \
             else float(int(name[3:]))
