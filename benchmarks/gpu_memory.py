@@ -164,7 +164,8 @@ def main() -> None:
             pred = f"{row['predicted_bytes'] / 2**30:6.2f}" if row.get("predicted_bytes") else "     -"
             log(f"{name:<30} peak {row['peak_bytes'] / 2**30:6.2f} GiB (reserved {row['peak_reserved_bytes'] / 2**30:6.2f}, "
                 f"weights {row['weights_bytes'] / 2**30:5.2f}, forward keeps {row['forward_bytes'] / 2**30:5.2f}, "
-                f"baseline {row['baseline_bytes'] / 2**20:.0f} MiB)  predicted {pred} GiB  "
+                f"baseline {row['baseline_bytes'] / 2**20:.0f} MiB, left after {row['left_after_bytes'] / 2**20:.0f} MiB)  "
+                f"predicted {pred} GiB  "
                 f"step {row['step_seconds'] * 1e3:6.1f} ms  sdpa {row['sdpa']}")
             result["seconds"] = round(time.time() - START, 1)
             args.out.write_text(json.dumps(result, indent=1))

@@ -13,6 +13,8 @@ torch's CUDA allocator:
     forward_bytes         allocated at the end of the last step's forward pass minus just before it:
                           what the forward keeps for the backward (activations, logits, autocast copies)
     step_seconds          median wall time of the timed steps (after one warm-up step)
+    left_after_bytes      allocated once the model and optimizer are deleted and released - baseline
+                          (~0; a leak would show here and in the next row's baseline)
     sdpa                  the scaled-dot-product-attention kernel(s) the forward ran (aten op names)
 
 The learner's usual path is the default (`autocast=True`): Trainer / TRL with `bf16=True` run the
@@ -75,6 +77,7 @@ class Measurement:
     sdpa: list[str] | dict = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     saved: dict = field(default_factory=dict)  # saved_tensors() of one forward at the same batch
+    left_after_bytes: int = 0  # allocated after the run is deleted and released, above the baseline (~0: no leak)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -197,6 +200,7 @@ def measure(model_dir, method: str, *, batch_size: int = 4, seq_len: int = 512, 
                          probe[-1]["after_forward"] - probe[-1]["before"], sdpa, [round(v, 4) for v in losses], saved)
     del model, opt, trainable
     _release()
+    result.left_after_bytes = torch.cuda.memory_allocated() - base
     return result
 
 
@@ -321,28 +325,34 @@ def saved_tensors(model, *, batch_size: int, seq_len: int, device="cuda", autoca
     device = torch.device(device)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, tuple] = {}
+    keep: list[torch.Tensor] = []  # alive until the count is done (a freed storage's address can be reused)
     param_bytes = 0
 
     def pack(t):
+        # Step 1: count each storage once; hand autograd an index, not the tensor: a pack hook that returns
+        # a saved output itself makes a tensor -> grad_fn -> tensor cycle gc cannot see (measured on the
+        # H200: every census leaked its forward and the model)
         nonlocal param_bytes
+        keep.append(t)
         try:
             storage = t.untyped_storage()
         except Exception:  # noqa: BLE001 - a tensor without a plain storage (a subclass): not counted
-            return t
+            return len(keep) - 1
         ptr = storage.data_ptr()
         if ptr in params:
             param_bytes += 0 if ptr in seen else storage.nbytes()
             seen.setdefault(ptr, None)
         elif ptr not in seen:
             seen[ptr] = (list(t.shape), str(t.dtype).removeprefix("torch."), storage.nbytes())
-        return t
+        return len(keep) - 1
 
     x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda i: keep[i]):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=x, labels=x).loss
-    del loss
+    del loss  # Step 2: free the graph, then what it saved
+    keep.clear()
     rows = [r for r in seen.values() if r is not None]
     by_dtype: dict[str, int] = {}
     for _, dtype, n in rows:
