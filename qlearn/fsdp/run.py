@@ -105,9 +105,10 @@ def train(config: FSDPConfig, device: torch.device, data: torch.Tensor, *, shard
     cpu = {"before_build": time.process_time()}  # this process's CPU seconds, phase by phase
     model = build(config, device)
     cpu["build"] = time.process_time() - cpu["before_build"]
-    params = list(model.parameters())
-    total = _nbytes(params)
-    one_row = sum(p[0].numel() * p.element_size() for p in params if p.dim() > 0)  # torch.chunk's imbalance bound
+    # No list of the parameters is kept: fully_shard replaces them, and a live reference would keep every
+    # unsharded original in memory beside its shard (measured on an H200: 11.46 GB resident for 5.79 GB of weights).
+    total = _nbytes(model.parameters())
+    one_row = sum(p[0].numel() * p.element_size() for p in model.parameters() if p.dim() > 0)  # torch.chunk's bound
     # Step 1: the packed 4-bit bytes before FSDP touches them (a CPU copy), and their NaN patterns
     packed = {n: m.weight.data.contiguous().view(torch.uint8).flatten().cpu().clone()
               for n, m in packed_weights(model).items()} if sharded else {}
