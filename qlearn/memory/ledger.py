@@ -84,6 +84,9 @@ autocast=True: the forward under torch.autocast(bfloat16), as Trainer/TRL with b
                  (2 V h), which the head's matmul saves for the backward. Full and freeze with bf16
                  weights: autocast changes nothing (everything is bf16 already). Not modeled: fp32
                  weights under autocast (Trainer's fp32 master weights for full fine-tuning), fp16.
+                 Measured on an H200 (benchmarks/gpu/memory_ledger.json, 1B Llama shape): every autocast
+                 row within 0.3% of torch.cuda.max_memory_allocated, and transformers.Trainer (bf16=True)
+                 allocating the same peak as gpu_lab.measure's loop.
                  CPU autocast (torch.autocast("cpu")) casts the same ops; what differs on a CPU is the
                  SDPA kernel (CPU flash, which keeps the same tensors) and PEFT's 4-bit LoRA layer: it
                  skips its fp32 input cast when torch.is_autocast_enabled() (CUDA's autocast) is on, so on
