@@ -25,7 +25,7 @@ from .nf4 import dequantize_4bit
 
 __all__ = ["GEMV_ROWS", "NF4Linear", "to_linear4bit", "use_nf4_kernels"]
 
-GEMV_ROWS = 4  # up to this many rows of x the fused GEMV runs; beyond, dequantize + matmul
+GEMV_ROWS = 1  # rows of x the fused GEMV takes; beyond, dequantize + matmul (H200: at 2 rows the GEMV took 93 us vs 59, benchmarks/gpu/batch_roofline.json)
 
 
 class NF4Linear(nn.Module):
