@@ -61,17 +61,34 @@ def combine_cat_wrong_dims(As, Bs, scalings, weights):
     return torch.cat(As, dim=1), torch.cat(Bs, dim=0)
 
 
+def fold_shift(zero_point, scale, shift):
+    return zero_point - shift / scale
+
+
+def fold_shift_wrong_sign(zero_point, scale, shift):
+    return zero_point + shift / scale
+
+
+def fold_shift_no_scale(zero_point, scale, shift):
+    return zero_point - shift
+
+
+def fold_shift_rounded(zero_point, scale, shift):
+    return torch.round(zero_point - shift / scale)  # GPTQ's integer zero points
+
+
 def stub(*args, **kwargs):
     raise NotImplementedError("Exercise 7.k: your code here")
 
 
-CHECKERS = [nb08.bf16_half_spacing, nb08.codes_moved, nb08.combine_cat]
+CHECKERS = [nb08.bf16_half_spacing, nb08.codes_moved, nb08.combine_cat, nb08.fold_shift]
 
 
 @pytest.mark.parametrize(("checker", "solution"), [
     (nb08.bf16_half_spacing, bf16_half_spacing),
     (nb08.codes_moved, codes_moved),
     (nb08.combine_cat, combine_cat),
+    (nb08.fold_shift, fold_shift),
 ])
 def test_correct_solution_passes(checker, solution, capsys):
     result = checker(solution)
@@ -87,6 +104,9 @@ def test_correct_solution_passes(checker, solution, capsys):
     (nb08.combine_cat, combine_cat_squared_weights, "on ONE side"),
     (nb08.combine_cat, combine_cat_no_scaling, "fold s_i into A_i"),
     (nb08.combine_cat, combine_cat_wrong_dims, "along the rank dimension (dim 0)"),
+    (nb08.fold_shift, fold_shift_wrong_sign, "subtract D / scale"),
+    (nb08.fold_shift, fold_shift_no_scale, "divide the shift by the group's scale"),
+    (nb08.fold_shift, fold_shift_rounded, "keep z' as a float"),
 ])
 def test_typical_mistake_fails_with_its_hint(checker, wrong, hint, capsys):
     result = checker(wrong)
@@ -139,3 +159,16 @@ def test_combine_cat_answer_is_peft_add_weighted_adapter():
                        [layer.scaling[n] for n in names], [0.7, -0.4])
     torch.testing.assert_close(A, layer.lora_A["mix"].weight.data)  # the same products in the same order
     torch.testing.assert_close(B, layer.lora_B["mix"].weight.data)
+
+
+def test_fold_shift_answer_is_qalora_merge():
+    from qlearn import qalora
+    from qlearn.quant import quantize
+
+    g = torch.Generator().manual_seed(0)
+    layer = qalora.QALoRALinear(quantize(torch.randn(8, 32, generator=g), 4, symmetric=False, group_size=8), r=2)
+    with torch.no_grad():
+        layer.B.normal_(generator=g)  # B = 0 would make the shift zero
+    qw = layer.base.qweight
+    got = fold_shift(qw.zero_point, qw.scale, layer.group_shift().unsqueeze(-1).detach())
+    assert torch.equal(got, layer.merge().zero_point)  # the same two float32 operations

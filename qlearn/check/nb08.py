@@ -6,6 +6,8 @@
                            delta is merged into the 4-bit weight w_hat and the sum is re-quantized
 8.3 combine_cat(fn):       fn(As, Bs, scalings, weights) -> (A', B') with B' A' = sum_i w_i s_i B_i A_i
                            (peft's add_weighted_adapter, combination_type="cat")
+8.4 fold_shift(fn):        fn(zero_point, scale, shift) -> z' = z - D / scale, the zero points that make
+                           scale (q - z') = scale (q - z) + D (QA-LoRA's merge, qlearn.qalora)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from . import CheckResult, exercise
 
-__all__ = ["bf16_half_spacing", "codes_moved", "combine_cat"]
+__all__ = ["bf16_half_spacing", "codes_moved", "combine_cat", "fold_shift"]
 
 # (x, half spacing): bf16 keeps 7 explicit mantissa bits, so between 2^e and 2^(e+1) its numbers are
 # 2^(e-7) apart and rounding to nearest moves x by at most half of that, 2^(e-8), e = floor(log2 |x|).
@@ -162,4 +164,35 @@ def combine_cat(fn) -> CheckResult:
                      hint="A' = cat([w_i * s_i * A_i], dim=0), B' = cat([B_i], dim=1)")
             ex.close(A.float(), exp_A, f"{what}: A' (peft's layout)", atol=1e-6, rtol=1e-6,
                      hint="peft scales A (w_i * s_i * A_i) and leaves each B_i as it is")
+    return ex.result
+
+
+def fold_shift(fn) -> CheckResult:
+    """Exercise 8.4: fold a per-group weight shift D into asymmetric zero points, z' = z - D / scale."""
+    g = torch.Generator().manual_seed(11)
+    out, groups = 6, 4
+    q = torch.randint(0, 16, (out, groups, 8), generator=g).float()  # 4-bit codes, groups of 8
+    scale = torch.rand(out, groups, 1, generator=g) * 0.05 + 0.01
+    z = torch.randint(0, 16, (out, groups, 1), generator=g).float()
+    shift = torch.randn(out, groups, 1, generator=g) * 0.01  # D, one value per (row, group)
+    expected = z - shift / scale
+    with exercise("8.4", "fold a pooled update into the zero points") as ex:
+        got = fn(z.clone(), scale.clone(), shift.clone())
+        ex.tensor_like(got, expected, "the new zero points", hint="one zero point per (row, group): z - D / scale")
+        got = got.float()
+        if torch.allclose(got, z + shift / scale, atol=1e-6):
+            ex.fail("the shift has the wrong sign: your weights move by -D",
+                    hint="W_hat = scale (q - z): raising z LOWERS the weights, so subtract D / scale")
+        if torch.allclose(got, z - shift, atol=1e-6):
+            ex.fail("D is in weight units, the zero point in grid steps",
+                    hint="divide the shift by the group's scale: z - D / scale")
+        if torch.equal(got, torch.round(got)) and not torch.equal(expected, torch.round(expected)):
+            ex.fail("your zero points are whole numbers: the shift is rounded away",
+                    hint="keep z' as a float (QA-LoRA's merge keeps float zero points)")
+        # float32: one division and one subtraction on values of size ~16
+        ex.close(got, expected, "z' for a (6, 4) grid of groups", atol=1e-5, rtol=0,
+                 hint="return zero_point - shift / scale")
+        merged = scale * (q - got)
+        ex.close(merged, scale * (q - z) + shift, "scale (q - z') against W_hat + D", atol=1e-6, rtol=0,
+                 hint="z' = z - D / scale makes scale (q - z') = scale (q - z) + D")
     return ex.result
