@@ -110,6 +110,16 @@ def test_readme_has_exactly_two_commands_and_ci_runs_them_verbatim():
     assert before == ["pip install -q torch==2.13.0"] and mbr.pins()["torch"] == "2.13.0"
 
 
+def test_readme_syllabus_gives_every_notebook_its_measured_cpu_time():
+    text = (ROOT / "README.md").read_text()
+    for path in NOTEBOOKS:
+        time = re.search(r"\*\*Time\*\*: about (\d+) s on a laptop CPU", read(path).cells[0].source)
+        assert time, f"{path.name}: no '**Time**: about N s on a laptop CPU' line in its first cell"
+        row = next((ln for ln in text.splitlines() if f"(notebooks/{path.name})" in ln and ln.startswith("|")), None)
+        assert row, f"README's syllabus has no row for {path.name}"
+        assert f"| {time.group(1)} s |" in row, f"README's row for {path.name} differs from its first cell: {time.group(1)} s"
+
+
 def test_readme_badges_point_at_the_first_notebook():
     assert badges("00_start_here.ipynb") in (ROOT / "README.md").read_text()
     assert f"https://github.com/{REPO}" in SETUP_CELL and f'"--branch", "{BRANCH}"' in SETUP_CELL
