@@ -20,7 +20,9 @@ Two rounding rules, because torch itself has two (`rounding=` names which one a 
 - "zero_point_first": q = clamp(round(x * (1 / scale) + zero_point)), the zero point added *before*
   rounding, the multiply-add rounded once to float32 (torch's kernels use a fused multiply-add): the rule
   of torch.quantize_per_tensor / quantize_per_channel. `quantize` uses it, so its codes equal torch's bit
-  for bit (measured on torch 2.13's x86 CPU kernels; tests/test_quant_linear.py checks it).
+  for bit (measured on torch 2.13's x86 CPU kernels; tests/test_quant_linear.py checks it). torch 2.11's
+  quantize_per_tensor rounded the tie below as "zero_point_after" does (measured on an H200 machine, CPU
+  and CUDA): the rule at ties moves between releases, which is why qlearn names its own.
 - "zero_point_after": q = clamp(round(x * (1 / scale)) + zero_point), the rule of
   torch.fake_quantize_per_tensor_affine / fake_quantize_per_channel_affine, which QAT (qlearn.quant.qat)
   follows, and so does `qat.convert` when it turns a trained layer into codes.
