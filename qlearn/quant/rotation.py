@@ -70,7 +70,7 @@ def _check_rotation(Q: Tensor, n: int, what: str) -> Tensor:
         raise ValueError(f"{what} must be a ({n}, {n}) orthogonal matrix for a hidden size of {n}, got "
                          f"{tuple(getattr(Q, 'shape', ()))}")
     Q = Q.double()
-    error = (Q.T @ Q - torch.eye(n, dtype=torch.float64)).abs().max().item()
+    error = (Q.T @ Q - torch.eye(n, dtype=torch.float64, device=Q.device)).abs().max().item()
     if error > 1e-4:
         raise ValueError(f"{what} must be orthogonal (Q^T Q = I), but Q^T Q differs from I by {error:.2g}")
     return Q
@@ -133,6 +133,8 @@ def rotate(model: nn.Module, seed: int = 0, *, rotation: Tensor | None = None, h
     layers = decoder_layers(model)
     hidden = model.get_input_embeddings().weight.shape[1]
     Q = rotation_matrix(hidden, seed) if rotation is None else _check_rotation(rotation, hidden, "rotation")
+    device = next(model.parameters()).device
+    Q = Q.to(device)  # float64, on the weights' device (a GPU model rotates on the GPU)
     # Step 1: RMSNorm weights into their readers (so that each norm commutes with Q).
     fold_norms(model)
     # Step 2: the stream's writers and readers.
@@ -149,7 +151,7 @@ def rotate(model: nn.Module, seed: int = 0, *, rotation: Tensor | None = None, h
         # Step 3: per head, v_proj's output rows and o_proj's input columns.
         if heads:
             d = attn.head_dim
-            H = rotation_matrix(d, seed + 1)
+            H = rotation_matrix(d, seed + 1).to(device)
             v = attn.v_proj.weight.double().reshape(-1, d, hidden)  # (kv_heads, head_dim, hidden)
             _set(attn.v_proj, torch.einsum("ed,hdk->hek", H.T, v).reshape(-1, hidden))  # V_h <- H^T V_h
             o = attn.o_proj.weight.double().reshape(hidden, -1, d)  # (hidden, heads, head_dim)
@@ -157,7 +159,7 @@ def rotate(model: nn.Module, seed: int = 0, *, rotation: Tensor | None = None, h
         # Step 4: down_proj's input, online.
         if online:
             down = mlp.down_proj
-            R = rotation_matrix(down.in_features, seed + 2 + i)
+            R = rotation_matrix(down.in_features, seed + 2 + i).to(device)
             _set(down, down.weight.double() @ R)  # W <- W R, and x <- x R at run time
             mlp.down_proj = OnlineRotation(down, R)
     return model

@@ -54,7 +54,8 @@ def smoothing_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float = 0
         raise ValueError(f"weights must be a non-empty list of (out, {act_absmax.numel()}) tensors, got "
                          f"{[tuple(w.shape) for w in weights]}")
     w_absmax = torch.cat([w.detach().abs().float() for w in weights]).amax(dim=0).clamp(min=SCALE_FLOOR)
-    return (act_absmax.float().pow(alpha) / w_absmax.pow(1 - alpha)).clamp(min=SCALE_FLOOR)
+    act = act_absmax.float().to(w_absmax.device)  # calibration statistics are kept on the CPU
+    return (act.pow(alpha) / w_absmax.pow(1 - alpha)).clamp(min=SCALE_FLOOR)
 
 
 @torch.no_grad()
