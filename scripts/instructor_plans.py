@@ -37,36 +37,32 @@ READ_WPM = 100  # words a minute, read with the code beside them (technical pros
 SKIM_WPM = 600  # words a minute, the instructor skimming the prose on the projector
 EXERCISE_MIN = 6  # minutes a checked exercise takes, with its hint
 MEASURED_IN_CLASS: dict[str, dict[str, int]] = {}  # e.g. {"qlora": {"teach": 60}} after a workshop
-NEW = {  # notebooks being written: a pattern their slug will match
-    "outlier": "outlier features (after 03)",
-    "lora_(variants|family)|variants": "LoRA variants (rsLoRA, DoRA, PiSSA, ...)",
-    "^(block_scaled|low_bit|fp8|mx)": "block-scaled formats (MXFP4, NVFP4, FP8)",
-    "kernel": "kernels (Triton NF4)",
-    "fsdp|beyond_one_gpu": "beyond one GPU (FSDP-QLoRA)",
-}
+NEW: dict[str, str] = {}  # notebooks being written: a pattern their slug will match -> what they cover
 NEW_MINUTES = {"teach": 50, "demo": 10}
 
 # Each plan: its length in minutes, the plan it follows on (whose notebooks count as seen), and its
 # steps: (slug or NEW pattern, "teach" | "demo"), or (label, minutes) for a break or a wrap-up.
 PLANS = {
     "90 minutes: quantization, hands-on": {"minutes": 90, "after": None, "steps": [
-        ("start_here", "demo"), ("number_formats", "demo"), ("linear_quantization", "teach"),
+        ("start_here", "demo"), ("number_formats", "demo"), ("linear_quantization", "demo"),
+        ("post_training_quantization", "demo"),
+        ("hands-on: the checked exercises of notebook 02 (2.1-2.4), hints on", 30),
         ("wrap-up: the memory ledger of 00 again, which term each format shrinks", 5)]},
     "90 minutes: from a float to QLoRA, shown": {"minutes": 90, "after": None, "steps": [
         ("start_here", "demo"), ("number_formats", "demo"), ("linear_quantization", "demo"),
         ("post_training_quantization", "demo"), ("fine_tuning_regimes", "demo"), ("qlora", "demo"),
-        ("hands-on: one checked exercise of the QLoRA notebook", 15)]},
+        ("questions", 5)]},
     "half day A (3.5 h): quantization": {"minutes": 210, "after": None, "steps": [
-        ("start_here", "demo"), ("number_formats", "teach"), ("linear_quantization", "teach"), ("break", 10),
-        ("post_training_quantization", "teach"), ("outlier", "demo"), ("quantization_aware_training", "demo"),
-        ("^(block_scaled|low_bit|fp8|mx)", "demo")]},
+        ("start_here", "demo"), ("number_formats", "demo"), ("linear_quantization", "teach"), ("break", 10),
+        ("post_training_quantization", "teach"), ("outlier_features", "demo"), ("quantization_aware_training", "demo"),
+        ("wrap-up: which method for which bit width, and why outliers decide it", 10)]},
     "half day B (3.5 h): fine-tuning": {"minutes": 210, "after": None, "steps": [
         ("start_here", "demo"), ("number_formats", "demo"), ("linear_quantization", "demo"),
-        ("post_training_quantization", "demo"), ("fine_tuning_regimes", "teach"), ("break", 10),
-        ("lora_(variants|family)|variants", "demo"), ("qlora", "teach"), ("merging", "demo"), ("break", 10),
-        ("format_landscape", "demo")]},
+        ("post_training_quantization", "demo"), ("fine_tuning_regimes", "demo"), ("qlora", "teach"), ("break", 10),
+        ("merging", "demo"), ("outlier_features", "demo"), ("format_landscape", "demo"), ("questions", 15)]},
     "after half day B, on a GPU (1 h)": {"minutes": 60, "after": "half day B (3.5 h): fine-tuning", "steps": [
-        ("gpu_lab", "demo"), ("kernel", "demo"), ("fsdp|beyond_one_gpu", "demo"), ("questions", 10)]},
+        ("gpu_lab", "demo"), ("beyond_one_gpu", "demo"),
+        ("hands-on: notebook 10's exercises and the kernels section live on the GPU", 25), ("questions", 10)]},
 }
 
 
