@@ -29,6 +29,7 @@ from peft import LoraConfig, get_peft_model
 
 import qlearn
 from qlearn import lora, qalora, tasks
+from qlearn.env import cpu_name
 from qlearn.memory import peak_memory
 from qlearn.modules import count_trainable
 
@@ -119,7 +120,7 @@ def main() -> None:
           f"x{qa['forward_s'] / lo['forward_s']:.2f}, peak x{qa['peak_bytes'] / lo['peak_bytes']:.2f}")
     meta = {"command": f"python benchmarks/dora_cost.py --threads {args.threads} --rounds {args.rounds}",
             "machine": platform.machine(),
-            "processor": platform.processor(), "threads": args.threads, "torch": torch.__version__,
+            "processor": cpu_name(), "threads": args.threads, "torch": torch.__version__,
             "batch": "16 to_dict examples", "targets": TARGETS, "r": 8, "alpha": 16}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -44,7 +44,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ import transformers
 
 import qlearn
 from qlearn import experiment, modules
+from qlearn.env import cpu_name
 from qlearn.evaluate import token_windows
 from qlearn.quant import nf4, quantize_copy, rtn
 
@@ -161,16 +161,6 @@ def sweep(model, tok, pool, wanted: list[str], draws=DRAWS, out: Path | None = N
     return results
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def start_worker(name: str, wanted: list[str], draws, threads: int, env: dict) -> subprocess.Popen:
     """A fresh process that runs `sweep` on `wanted` and writes PARTS_DIR/<name>.json, started now."""
     command = [sys.executable, __file__, "--worker", name, "--threads", str(threads)]
@@ -223,7 +213,7 @@ def merge(out: Path) -> dict:
                         "gptq": "percdamp 0.01, no act-order", "awq": "n_grid 20, clipping search"},
         "drift": drift,
         "cpu_seconds": {**seconds, "note": "process time per run, one thread: quantization + one perplexity"},
-        "machine": {"processor": _cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": {"processor": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
                     "python": sys.version.split()[0], "torch": torch.__version__,
                     "transformers": transformers.__version__, "qlearn": qlearn.__version__, "threads": 1},
     }

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from torch import nn
 
 import qlearn
 from qlearn import experiment
+from qlearn.env import cpu_name
 from qlearn.evaluate import token_windows
 from qlearn.quant import convert, prepare_qat, quantize_copy
 
@@ -114,16 +114,6 @@ def qat_curve(model, tok, train_windows, bits: int, lr: float, steps: tuple[int,
     return curve, seconds
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run_ptq(model, tok, train_windows, bits: int, spreads: dict, bpp: dict, seconds: dict) -> None:
     for label, method, kwargs in (("rtn_sym_channel", "rtn", {"group_size": None, "symmetric": True}),
                                   ("rtn", "rtn", {})):
@@ -165,7 +155,7 @@ def _meta(bpp: dict, seconds: dict, command: str) -> dict:
                 "tokens_per_step": BATCH * SEQ, "trains": "every parameter (weights through fake quantization)",
                 "lr_tuned": False},
         "cpu_seconds": dict(seconds, note="process time, one thread; GPTQ/AWQ runs include one perplexity evaluation"),
-        "machine": {"processor": _cpu_name(), "python": sys.version.split()[0],
+        "machine": {"processor": cpu_name(), "python": sys.version.split()[0],
                     "torch": torch.__version__, "transformers": transformers.__version__,
                     "qlearn": qlearn.__version__, "threads": torch.get_num_threads()},
     }

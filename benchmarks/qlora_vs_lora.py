@@ -38,7 +38,6 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import sys
 import time
 import warnings
@@ -50,6 +49,7 @@ from torch.nn import functional as F
 
 import qlearn
 from qlearn import experiment, lora, tasks, train
+from qlearn.env import cpu_name
 from qlearn.evaluate import token_windows
 from qlearn.quant import quantize_model
 
@@ -164,16 +164,6 @@ def kbit_run(base, tok, label: str, seed: int, calib) -> dict:
     return {"answer_loss": loss, "token_acc": token_acc, "final_loss": res[-1], "seconds": seconds}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def part_headline(base, tok, save, seeds=SEEDS) -> None:
     """LoRA and QLoRA, seed by seed (interleaved); the record is saved after every seed, so a cut run keeps its
     finished seeds."""
@@ -240,7 +230,7 @@ def merge(path: Path, spreads: dict, part: str, part_meta: dict) -> dict:
     old_spreads = {k: v for k, v in old_spreads.items() if not k.startswith(part + "/")}
     meta.update({"command": "python benchmarks/qlora_vs_lora.py",
                  "model": "data/tiny (float32), task to_dict, one CPU thread",
-                 "machine": {"processor": _cpu_name(), "python": sys.version.split()[0], "torch": torch.__version__,
+                 "machine": {"processor": cpu_name(), "python": sys.version.split()[0], "torch": torch.__version__,
                              "transformers": transformers.__version__, "qlearn": qlearn.__version__,
                              "peft": __import__("peft").__version__,
                              "bitsandbytes": __import__("bitsandbytes").__version__,

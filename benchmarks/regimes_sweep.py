@@ -35,7 +35,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -218,6 +217,7 @@ def record(done: dict, chosen: dict, out: Path, smoke: bool) -> dict:
     import transformers
 
     import qlearn
+    from qlearn.env import cpu_name
     from qlearn.experiment import Spread
     from qlearn.experiment import record as write
 
@@ -257,20 +257,10 @@ def record(done: dict, chosen: dict, out: Path, smoke: bool) -> dict:
             "alpha/r": "alpha = 16 fixed, scaling alpha / r", "alpha/sqrt(r)": "rsLoRA, alpha = 2 sqrt(8)"}},
         "cpu_seconds": {k: statistics.fmean(done[key(k, chosen[k], s)]["cpu_seconds"] for s in SEEDS)
                         for k in LRS},
-        "machine": {"processor": _cpu_name(), "python": sys.version.split()[0], "torch": torch.__version__,
+        "machine": {"processor": cpu_name(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "transformers": transformers.__version__, "qlearn": qlearn.__version__, "threads": 1},
     }
     return write(out, spreads, **meta)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> None:

@@ -13,6 +13,7 @@ import platform
 import random
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 # get_peft_model call warns, about a name the course never uses (pyproject's filterwarnings does the same for tests).
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-__all__ = ["EnvironmentReport", "environment_report", "get_device", "on_colab", "seed_everything"]
+__all__ = ["EnvironmentReport", "cpu_name", "environment_report", "get_device", "on_colab", "seed_everything"]
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -106,6 +107,17 @@ class EnvironmentReport:
         rows += [(k, v or "not installed") for k, v in self.versions.items()]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cpu_name() -> str:
+    """The processor's name as lscpu prints it (Linux: /proc/cpuinfo's "model name"), else platform's guess.
+
+    Benchmarks record it: float results differ in their last digits from one CPU to another."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def environment_report() -> EnvironmentReport:

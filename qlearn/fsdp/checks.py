@@ -25,12 +25,11 @@ largest |difference| / loss over all steps of every run):
 from __future__ import annotations
 
 import math
-import platform
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import torch
 
+from ..env import cpu_name
 from .config import SHAPES, FSDPConfig
 
 __all__ = ["LOSS_TOLERANCE", "ledgers", "summarize"]
@@ -51,11 +50,7 @@ def _versions() -> dict:
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    try:  # Linux: the processor's name, as lscpu prints it
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def ledgers(config: FSDPConfig) -> tuple:
