@@ -46,3 +46,22 @@ CHECKER = '''from qlearn.check import exercise
 with exercise("9.1", "double a number") as ex:
     ex.equal(double(21), 42, "double(21)", hint="multiply by two")'''
 LATER = "print('later cells still run')"
+
+
+@pytest.fixture
+def check_exercise(capsys):
+    """check(checker, right, wrong, hint_word): a notebook checker passes the right answer and prints PASSED,
+    fails the typical mistake with its hint and prints FAILED, and calls a stub NOT ATTEMPTED."""
+
+    def stub(*args):
+        raise NotImplementedError("your code here")
+
+    def check(checker, right, wrong, hint_word):
+        assert checker(right).passed
+        assert "PASSED" in capsys.readouterr().out
+        result = checker(wrong)
+        assert result.status == "FAILED" and hint_word in result.message, result.message
+        assert "FAILED" in capsys.readouterr().out
+        assert checker(stub).status == "NOT ATTEMPTED"
+
+    return check

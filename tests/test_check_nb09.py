@@ -53,36 +53,22 @@ def adamw_one_state(n_params, state_bits, blocksize=256):
     return n_params * state_bits // 8
 
 
-def stub(*args):
-    raise NotImplementedError("Exercise 8.x: your code here")
+def test_bits_per_weight_checker(check_exercise):
+    check_exercise(nb09.bits_per_weight, bits_per_weight, bits_per_weight_no_metadata, "metadata_bits / block_size")
 
 
-def _check(checker, right, wrong, hint_word, capsys):
-    assert checker(right).passed
-    assert "PASSED" in capsys.readouterr().out
-    result = checker(wrong)
-    assert result.status == "FAILED" and hint_word in result.message
-    assert "FAILED" in capsys.readouterr().out
-    assert checker(stub).status == "NOT ATTEMPTED"
-
-
-def test_bits_per_weight_checker(capsys):
-    _check(nb09.bits_per_weight, bits_per_weight, bits_per_weight_no_metadata, "metadata_bits / block_size",
-           capsys)
-
-
-def test_q4_0_block_checker(capsys):
-    _check(nb09.q4_0_block, q4_0_block, q4_0_block_absmax, "WITH its sign", capsys)
+def test_q4_0_block_checker(check_exercise):
+    check_exercise(nb09.q4_0_block, q4_0_block, q4_0_block_absmax, "WITH its sign")
     result = nb09.q4_0_block(q4_0_block_no_clip)
     assert result.status == "FAILED" and "clip to 0..15" in result.message
 
 
-def test_weight_bytes_checker(capsys):
-    _check(nb09.weight_bytes, weight_bytes, weight_bytes_everything_quantized, "stay 16-bit", capsys)
+def test_weight_bytes_checker(check_exercise):
+    check_exercise(nb09.weight_bytes, weight_bytes, weight_bytes_everything_quantized, "stay 16-bit")
 
 
-def test_adamw_state_bytes_checker(capsys):
-    _check(nb09.adamw_state_bytes, adamw_state_bytes, adamw_one_state, "two states", capsys)
+def test_adamw_state_bytes_checker(check_exercise):
+    check_exercise(nb09.adamw_state_bytes, adamw_state_bytes, adamw_one_state, "two states")
 
 
 def test_q4_0_reference_cases_cover_both_signs_of_the_scale():

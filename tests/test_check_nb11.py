@@ -48,21 +48,8 @@ def replicated_fraction_double_counted(total, packed, n):  # shards everything a
     return (total / n + packed) / total
 
 
-def stub(*args):
-    raise NotImplementedError("Exercise 11.x: your code here")
-
-
-def _check(checker, right, wrong, hint_word, capsys):
-    assert checker(right).passed
-    assert "PASSED" in capsys.readouterr().out
-    result = checker(wrong)
-    assert result.status == "FAILED" and hint_word in result.message, result.message
-    assert "FAILED" in capsys.readouterr().out
-    assert checker(stub).status == "NOT ATTEMPTED"
-
-
-def test_shard_rows_checker(capsys):
-    _check(nb11.shard_rows, shard_rows, shard_rows_floor, "drops the remainder", capsys)
+def test_shard_rows_checker(check_exercise):
+    check_exercise(nb11.shard_rows, shard_rows, shard_rows_floor, "drops the remainder")
     result = nb11.shard_rows(shard_rows_balanced)
     assert result.status == "FAILED" and "not array_split" in result.message
 
@@ -74,14 +61,14 @@ def test_shard_rows_matches_fsdp2s_split():
         assert shard_rows(rows, n) == [c.shape[0] for c in _chunk_with_empty(torch.empty(rows, 1), n, dim=0)]
 
 
-def test_bf16_nan_count_checker(capsys):
-    _check(nb11.bf16_nan_count, bf16_nan_count, bf16_nan_count_with_infs, "infinity, not NaN", capsys)
+def test_bf16_nan_count_checker(check_exercise):
+    check_exercise(nb11.bf16_nan_count, bf16_nan_count, bf16_nan_count_with_infs, "infinity, not NaN")
     result = nb11.bf16_nan_count(bf16_nan_count_big_endian)
     assert result.status == "FAILED" and "little-endian" in result.message
 
 
-def test_replicated_fraction_checker(capsys):
-    _check(nb11.replicated_fraction, replicated_fraction, replicated_fraction_sharded, "every rank keeps all", capsys)
+def test_replicated_fraction_checker(check_exercise):
+    check_exercise(nb11.replicated_fraction, replicated_fraction, replicated_fraction_sharded, "every rank keeps all")
     result = nb11.replicated_fraction(replicated_fraction_double_counted)
     assert result.status == "FAILED" and "add the packed bytes once" in result.message
     # the tiny model's QLoRA run on 2 ranks: 56.3% each (qlearn.fsdp's docstring)
